@@ -1,0 +1,109 @@
+"""Small bridges between ComfyUI and the rooms, shared by every node module.
+
+The rooms (soup/, samplers/, retrieval/, temporal/) take plain paths, tensors and a
+``progress(done, total)`` callback; this module makes those from ComfyUI's objects so that
+the node classes stay declarative.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+
+SAFETENSORS = {".safetensors"}
+
+
+class InputError(ValueError):
+    """A user-facing error: names the node, the input and the fix."""
+
+    def __init__(self, node: str, input_name: str, problem: str, fix: str = ""):
+        msg = f"{node}: input '{input_name}': {problem}"
+        if fix:
+            msg += f" Fix: {fix}"
+        super().__init__(msg)
+
+
+def register_model_folder(name: str, extensions: Iterable[str] = SAFETENSORS, is_dir: bool = False) -> None:
+    """Register ``models/<name>`` with folder_paths (idempotent), keeping any user-added paths.
+
+    Folder-type entries (a VLM directory, a retrieval store) use the ``folder`` extension
+    marker the way core's ``diffusers`` entry does and are listed with :func:`list_dirs`.
+    """
+    default = os.path.join(folder_paths.models_dir, name)
+    exts = {"folder"} if is_dir else set(extensions)
+    if name in folder_paths.folder_names_and_paths:
+        paths, old_exts = folder_paths.folder_names_and_paths[name]
+        if default not in paths:
+            paths.append(default)
+        folder_paths.folder_names_and_paths[name] = (paths, set(old_exts) | exts)
+    else:
+        folder_paths.folder_names_and_paths[name] = ([default], exts)
+    os.makedirs(default, exist_ok=True)
+
+
+def folder_dirs(name: str) -> list[str]:
+    return folder_paths.get_folder_paths(name)
+
+
+def list_dirs(name: str) -> list[str]:
+    """Sub-directories of every path registered for ``name`` (for folder-type models)."""
+    out: set[str] = set()
+    for base in folder_dirs(name):
+        if os.path.isdir(base):
+            out.update(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)))
+    return sorted(out)
+
+
+def resolve_dir(name: str, sub: str, node: str, input_name: str) -> str:
+    """Absolute path of a folder-type model, refusing anything outside the registered folders."""
+    for base in folder_dirs(name):
+        cand = os.path.realpath(os.path.join(base, sub))
+        root = os.path.realpath(base)
+        if os.path.commonpath([cand, root]) == root and cand != root and os.path.isdir(cand):
+            return cand
+    raise InputError(node, input_name, f"'{sub}' is not a folder under models/{name}.",
+                     f"put it in {folder_dirs(name)[0]} and refresh the page.")
+
+
+def resolve_file(name: str, filename: str, node: str, input_name: str) -> str:
+    """Absolute path of a model file; folder_paths already refuses paths that escape the folder."""
+    path = folder_paths.get_full_path(name, filename)
+    if path is None:
+        raise InputError(node, input_name, f"'{filename}' is not in models/{name}.",
+                         f"put the file in {folder_dirs(name)[0]} and refresh the page.")
+    if not path.endswith(".safetensors"):
+        raise InputError(node, input_name, f"'{filename}' is not a .safetensors file.",
+                         "Compartments loads safetensors only (no pickle); convert the file first.")
+    return path
+
+
+def save_path(name: str, filename: str, node: str, input_name: str) -> str:
+    """Target path for a new model file inside the first registered folder of ``name``."""
+    base = os.path.realpath(folder_dirs(name)[0])
+    if not filename.endswith(".safetensors"):
+        filename += ".safetensors"
+    path = os.path.realpath(os.path.join(base, filename))
+    if os.path.commonpath([path, base]) != base:
+        raise InputError(node, input_name, f"'{filename}' points outside models/{name}.",
+                         "use a plain name or a sub-folder path without '..'.")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
+
+
+def progress(total: int, node_id: str | None = None) -> Callable[[int, int], None]:
+    """A ``progress(done, total)`` callback for the rooms: drives ComfyUI's bar and honours Cancel."""
+    bar = comfy.utils.ProgressBar(max(int(total), 1), node_id=node_id)
+
+    def update(done: int, total_now: int | None = None) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, total_now)
+
+    return update
+
+
+def check_interrupt() -> None:
+    comfy.model_management.throw_exception_if_processing_interrupted()
