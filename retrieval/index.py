@@ -1,0 +1,207 @@
+"""Vector indexes behind one small protocol, so the store never depends on a backend.
+
+The image store talks to its index only through :class:`VectorIndex` (add, remove, search,
+save, load, copy). :class:`FaissIndex` is the shipped backend: faiss ``IndexIDMap`` over
+``IndexFlatIP`` on L2-normalised vectors, so the inner product is the cosine similarity and
+search is exact. The ids are the SQLite row ids of the store, which is what lets "forget"
+delete exactly one vector. :class:`NumpyIndex` is the brute-force reference the tests and the
+benchmark compare faiss against. A store that outgrows one machine implements the same five
+methods over a server-side engine (docs/retrieval.md).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class VectorIndex(Protocol):
+    """What the store needs from a k-nearest-neighbour index over unit vectors."""
+
+    dim: int
+
+    def __len__(self) -> int: ...
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Insert ``vectors`` [n, dim] float32 under int64 ``ids`` (ids unique, never reused)."""
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Delete the vectors with these ids; return how many were removed."""
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` by inner product: (scores [q, k] float32, ids [q, k] int64, -1 = no hit).
+
+        ``allowed`` restricts the candidates to those ids (the visibility filter).
+        """
+
+    def ids(self) -> np.ndarray:
+        """Every id held, int64."""
+
+    def copy(self) -> VectorIndex:
+        """An independent copy (writes build the next version on a copy, never in place)."""
+
+    def save(self, path: Path) -> None:
+        """Write to ``path`` atomically (temp file + ``os.replace``)."""
+
+
+def _as_vectors(vectors: np.ndarray, dim: int) -> np.ndarray:
+    v = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+    if v.ndim != 2 or v.shape[1] != dim:
+        raise ValueError(f"expected vectors of shape [n, {dim}], got {tuple(v.shape)}")
+    return v
+
+
+def _as_ids(ids: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
+
+
+def _tmp_for(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _fsync_replace(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class FaissIndex:
+    """Exact cosine kNN: faiss IndexIDMap(IndexFlatIP) over unit vectors, ids = store row ids."""
+
+    def __init__(self, dim: int, index=None):
+        import faiss
+
+        self.dim = int(dim)
+        self._faiss = faiss
+        self.index = index if index is not None else faiss.IndexIDMap(faiss.IndexFlatIP(self.dim))
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        v, i = _as_vectors(vectors, self.dim), _as_ids(ids)
+        if len(i) != len(v):
+            raise ValueError(f"{len(i)} ids for {len(v)} vectors")
+        if len(i):
+            self.index.add_with_ids(v, i)
+
+    def remove(self, ids: np.ndarray) -> int:
+        i = _as_ids(ids)
+        if not len(i):
+            return 0
+        return int(self.index.remove_ids(self._faiss.IDSelectorBatch(i)))
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        q = _as_vectors(queries, self.dim)
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        params = None
+        if allowed is not None:
+            sel = self._faiss.IDSelectorBatch(_as_ids(allowed))
+            params = self._faiss.SearchParameters(sel=sel)
+        scores, ids = self.index.search(q, int(k), params=params)
+        return scores.astype(np.float32), ids.astype(np.int64)
+
+    def ids(self) -> np.ndarray:
+        return self._faiss.vector_to_array(self.index.id_map).astype(np.int64)
+
+    def copy(self) -> FaissIndex:
+        return FaissIndex(self.dim, self._faiss.clone_index(self.index))
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        tmp = _tmp_for(path)
+        try:
+            self._faiss.write_index(self.index, str(tmp))
+            _fsync_replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    @classmethod
+    def load(cls, path: Path) -> FaissIndex:
+        import faiss
+
+        index = faiss.read_index(str(path))
+        return cls(index.d, index)
+
+
+class NumpyIndex:
+    """Brute-force reference: a dense matrix and a matmul. Exact, O(n) per query, no deps."""
+
+    def __init__(self, dim: int):
+        self.dim = int(dim)
+        self._ids = np.zeros((0,), dtype=np.int64)
+        self._vecs = np.zeros((0, self.dim), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        v, i = _as_vectors(vectors, self.dim), _as_ids(ids)
+        if len(i) != len(v):
+            raise ValueError(f"{len(i)} ids for {len(v)} vectors")
+        self._ids = np.concatenate([self._ids, i])
+        self._vecs = np.concatenate([self._vecs, v])
+
+    def remove(self, ids: np.ndarray) -> int:
+        keep = ~np.isin(self._ids, _as_ids(ids))
+        removed = int((~keep).sum())
+        self._ids, self._vecs = self._ids[keep], self._vecs[keep]
+        return removed
+
+    def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        q = _as_vectors(queries, self.dim)
+        if k < 1:
+            raise ValueError("k must be at least 1")
+        ids, vecs = self._ids, self._vecs
+        if allowed is not None:
+            mask = np.isin(ids, _as_ids(allowed))
+            ids, vecs = ids[mask], vecs[mask]
+        scores = q @ vecs.T
+        out_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+        out_i = np.full((len(q), k), -1, dtype=np.int64)
+        n = min(k, len(ids))
+        if n:
+            top = np.argpartition(-scores, n - 1, axis=1)[:, :n] if n < len(ids) else np.tile(np.arange(len(ids)), (len(q), 1))
+            top_s = np.take_along_axis(scores, top, axis=1)
+            order = np.argsort(-top_s, axis=1, kind="stable")
+            out_s[:, :n] = np.take_along_axis(top_s, order, axis=1)
+            out_i[:, :n] = ids[np.take_along_axis(top, order, axis=1)]
+        return out_s, out_i
+
+    def ids(self) -> np.ndarray:
+        return self._ids.copy()
+
+    def copy(self) -> NumpyIndex:
+        out = NumpyIndex(self.dim)
+        out._ids, out._vecs = self._ids.copy(), self._vecs.copy()
+        return out
+
+    def save(self, path: Path) -> None:
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        tmp = _tmp_for(path)
+        try:
+            save_file({"ids": self._ids, "vectors": self._vecs}, str(tmp), metadata={"dim": str(self.dim)})
+            _fsync_replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    @classmethod
+    def load(cls, path: Path) -> NumpyIndex:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as fh:
+            out = cls(int(fh.metadata()["dim"]))
+            out._ids, out._vecs = fh.get_tensor("ids"), fh.get_tensor("vectors")
+        return out
+
+
+BACKENDS: dict[str, type] = {"faiss": FaissIndex, "numpy": NumpyIndex}

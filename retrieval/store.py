@@ -1,0 +1,584 @@
+"""A persistent image store: open_clip embeddings, a faiss index, SQLite metadata, forget.
+
+API (what samplers/ and nodes/ rely on; names are stable):
+
+    store = ImageStore(path)                      # open an existing store folder
+    store = ImageStore.create(path, embedder)     # new, empty store bound to one open_clip model
+    report = store.add_folder(folder, owner="me", visibility="private", progress=cb)
+    report = store.add_files([paths...], ...)     # AddReport: added ids, skipped (path, reason)
+    hits = store.query(text="a cat", k=4, visibility="private")   # or image=IMAGE [B,H,W,3]
+    hits[0].id, .sha256, .path, .owner, .visibility, .score     # Hit
+    images = store.load_images(hits)              # torch [B,H,W,3] float 0..1 (ComfyUI IMAGE)
+    vectors = store.image_embeddings([ids])       # torch [N, dim] float32, unit norm
+    store.set_visibility([ids or sha256], "public")
+    store.forget([ids or sha256])                 # row, vector and stored copy gone, exactly
+    store.list(visibility="all") -> list[Item]
+
+Folder layout: ``meta.sqlite`` (rows with embeddings, the single commit point),
+``index-<gen>.faiss`` (the vector index of generation ``gen``), ``images/<sha256>.<ext>``
+(content-addressed copies, so the store is self-contained and forgetting deletes the copy).
+
+Writes are transactional. A write builds the next index on a copy, saves it as
+``index-<gen+1>.faiss`` (temp file + ``os.replace``), then commits the SQLite transaction that
+records ``gen+1``; only after the commit is the old index file deleted. A failure or Cancel at
+any point before the commit leaves the previous generation untouched; a crash after it is
+resolved on open (the DB names the index to load; strays are removed; a missing or
+inconsistent index is rebuilt from the embeddings stored in the DB).
+
+Forgetting is exact: the row is deleted, the id removed from the index (ids are never
+reused: AUTOINCREMENT), the copy deleted, and the content hash kept in a ``forgotten`` table so
+the same bytes are not silently re-added by a later folder rebuild.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .embed import Embedder
+from .index import BACKENDS, VectorIndex
+
+FORMAT_VERSION = 1
+VISIBILITIES = ("private", "public")
+FILTERS = ("private", "public", "all")
+DB_NAME = "meta.sqlite"
+IMAGE_DIR = "images"
+
+Progress = Callable[[int, int], None]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items(
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sha256 TEXT NOT NULL UNIQUE,
+    path TEXT NOT NULL,
+    file TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    visibility TEXT NOT NULL CHECK (visibility IN ('private', 'public')),
+    added REAL NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    embedding BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS items_visibility ON items(visibility);
+CREATE TABLE IF NOT EXISTS forgotten(sha256 TEXT PRIMARY KEY, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+class StoreError(ValueError):
+    """A user-facing store problem. ``field`` names the argument at fault, ``fix`` what to do."""
+
+    def __init__(self, problem: str, fix: str = "", field: str = ""):
+        self.problem, self.fix, self.field = problem, fix, field
+        super().__init__(problem + (f" Fix: {fix}" if fix else ""))
+
+
+@dataclass(frozen=True)
+class Item:
+    """One stored image (metadata only)."""
+
+    id: int
+    sha256: str
+    path: str
+    owner: str
+    visibility: str
+    added: float
+    width: int
+    height: int
+    file: str
+
+
+@dataclass(frozen=True)
+class Hit(Item):
+    """A query result: the item and its cosine similarity to the query."""
+
+    score: float = 0.0
+
+
+@dataclass
+class AddReport:
+    """What an add did: ids added (in input order) and every skipped file with its reason."""
+
+    added: list[int] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"added": self.added, "skipped": [{"path": p, "reason": r} for p, r in self.skipped]}
+
+
+def decode_image(data: bytes) -> tuple[torch.Tensor, str]:
+    """Bytes -> ([H, W, 3] float 0..1, PIL format). Raises on corrupt/truncated/non-image data.
+
+    ``verify()`` first: it catches truncated files even when another part of the process
+    (ComfyUI's loader) has set ``ImageFile.LOAD_TRUNCATED_IMAGES``.
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as probe:
+        fmt = probe.format or "PNG"
+        probe.verify()
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img).convert("RGB")
+        arr = np.asarray(img, dtype=np.uint8).copy()
+    return torch.from_numpy(arr).float().div_(255.0), fmt
+
+
+def _fit(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Cover-resize and centre-crop [H, W, 3] to [h, w, 3] (batches need one size)."""
+    import torch.nn.functional as F
+
+    if img.shape[0] == h and img.shape[1] == w:
+        return img
+    ih, iw = img.shape[:2]
+    scale = max(h / ih, w / iw)
+    nh, nw = max(h, round(ih * scale)), max(w, round(iw * scale))
+    x = F.interpolate(img.permute(2, 0, 1)[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+    top, left = (nh - h) // 2, (nw - w) // 2
+    return x[0, :, top:top + h, left:left + w].permute(1, 2, 0).clamp(0, 1)
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class ImageStore:
+    """An on-disk image store folder; see the module docstring for the API and guarantees."""
+
+    def __init__(self, path: str | Path, embedder: Embedder | None = None):
+        self.path = Path(path)
+        db = self.path / DB_NAME
+        if not db.is_file():
+            raise StoreError(f"'{self.path}' is not an image store (no {DB_NAME}).",
+                             "build one first (ImageStore.create or the Build Image Store node).", "store")
+        self.db = sqlite3.connect(str(db), isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.config = json.loads(self._meta("config"))
+        if int(self.config.get("format_version", 0)) != FORMAT_VERSION:
+            raise StoreError(f"store format {self.config.get('format_version')} is not {FORMAT_VERSION}.",
+                             "rebuild the store with this version.", "store")
+        self.dim = int(self.config["dim"])
+        self.backend = BACKENDS[self.config.get("backend", "faiss")]
+        self._embedder = embedder
+        if embedder is not None:
+            self._check_embedder(embedder)
+        self.index: VectorIndex = self._open_index()
+
+    # -- creation and opening ---------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, embedder: Embedder, backend: str = "faiss") -> ImageStore:
+        """Make a new empty store bound to ``embedder``'s model (built in a temp folder, renamed)."""
+        path = Path(path)
+        if path.exists():
+            raise StoreError(f"'{path}' already exists.", "open it with ImageStore(path) or pick a new name.", "store")
+        if backend not in BACKENDS:
+            raise StoreError(f"unknown index backend '{backend}'.", f"use one of {sorted(BACKENDS)}.", "backend")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.creating")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            (tmp / IMAGE_DIR).mkdir(parents=True)
+            db = sqlite3.connect(str(tmp / DB_NAME), isolation_level=None)
+            db.executescript(_SCHEMA)
+            config = {"format_version": FORMAT_VERSION, "backend": backend, "created": time.time(),
+                      "model": embedder.describe(), "dim": embedder.dim}
+            db.execute("BEGIN")
+            db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)",
+                           [("config", json.dumps(config)), ("generation", "0"), ("revision", "0")])
+            BACKENDS[backend](embedder.dim).save(tmp / cls._index_name(0))
+            db.execute("COMMIT")
+            db.close()
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return cls(path, embedder)
+
+    @staticmethod
+    def _index_name(gen: int) -> str:
+        return f"index-{gen}.faiss"
+
+    def _meta(self, key: str) -> str:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        if row is None:
+            raise StoreError(f"store '{self.path}' has no '{key}' record.", "rebuild the store.", "store")
+        return row[0]
+
+    @property
+    def generation(self) -> int:
+        return int(self._meta("generation"))
+
+    @property
+    def revision(self) -> int:
+        """Bumped by every write (add, forget, visibility): a cache key for nodes."""
+        return int(self._meta("revision"))
+
+    def _open_index(self) -> VectorIndex:
+        gen = self.generation
+        target = self.path / self._index_name(gen)
+        for f in self.path.glob("index-*.faiss"):
+            if f != target:
+                f.unlink(missing_ok=True)
+        for f in self.path.glob(".index-*.tmp"):
+            f.unlink(missing_ok=True)
+        index = None
+        if target.is_file():
+            try:
+                index = self.backend.load(target)
+            except Exception:
+                index = None
+        ids = {r[0] for r in self.db.execute("SELECT id FROM items")}
+        if index is None or len(index) != len(ids) or set(index.ids().tolist()) != ids:
+            index = self._rebuild_index()
+            index.save(target)
+        self._gc_files()
+        return index
+
+    def _rebuild_index(self) -> VectorIndex:
+        index = self.backend(self.dim)
+        rows = self.db.execute("SELECT id, embedding FROM items ORDER BY id").fetchall()
+        if rows:
+            ids = np.array([r[0] for r in rows], dtype=np.int64)
+            vecs = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
+            index.add(ids, vecs)
+        return index
+
+    def _gc_files(self) -> None:
+        """Delete image copies no row references (left by a failed add or a crash after forget)."""
+        known = {r[0] for r in self.db.execute("SELECT file FROM items")}
+        img_dir = self.path / IMAGE_DIR
+        if img_dir.is_dir():
+            for f in img_dir.iterdir():
+                if f"{IMAGE_DIR}/{f.name}" not in known:
+                    f.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> ImageStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+
+    # -- the embedder ---------------------------------------------------------------------
+    def _check_embedder(self, embedder: Embedder) -> None:
+        want = self.config["model"]
+        if embedder.dim != self.dim or embedder.sha256 != want["weights_sha256"]:
+            raise StoreError(
+                f"store was built with '{want['weights']}' ({want['name']}, sha256 {want['weights_sha256'][:12]}); "
+                f"'{embedder.weights.name}' is a different model and its vectors are not comparable.",
+                f"use '{want['weights']}' or build a new store.", "weights")
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            raise StoreError("this store was opened without an embedder, which text/image queries and adds need.",
+                             f"pass ImageStore(path, embedder=Embedder('{self.config['model']['weights']}')).",
+                             "weights")
+        return self._embedder
+
+    def set_embedder(self, embedder: Embedder) -> None:
+        self._check_embedder(embedder)
+        self._embedder = embedder
+
+    # -- writes ---------------------------------------------------------------------------
+    def _commit(self, new_index: VectorIndex, write: Callable[[], None]) -> None:
+        """Run ``write`` (SQL) and publish ``new_index`` as one transaction (see module doc)."""
+        gen = self.generation
+        nxt = self.path / self._index_name(gen + 1)
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            write()
+            self.db.execute("UPDATE meta SET value=? WHERE key='generation'", (str(gen + 1),))
+            self.db.execute("UPDATE meta SET value=CAST(value AS INTEGER)+1 WHERE key='revision'")
+            new_index.save(nxt)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            nxt.unlink(missing_ok=True)
+            raise
+        self.index = new_index
+        (self.path / self._index_name(gen)).unlink(missing_ok=True)
+
+    def add_folder(self, folder: str | Path, owner: str = "", visibility: str = "private",
+                   recursive: bool = True, progress: Progress | None = None,
+                   allow_forgotten: bool = False) -> AddReport:
+        """Add every image file under ``folder`` (hidden files ignored); see :meth:`add_files`."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise StoreError(f"'{folder}' is not a folder.", "give a folder of images.", "folder")
+        pattern = "**/*" if recursive else "*"
+        files = sorted(p for p in folder.glob(pattern)
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        return self.add_files(files, owner=owner, visibility=visibility, progress=progress,
+                              allow_forgotten=allow_forgotten)
+
+    def add_files(self, files: Sequence[str | Path], owner: str = "", visibility: str = "private",
+                  progress: Progress | None = None, allow_forgotten: bool = False) -> AddReport:
+        """Add images. Corrupt, non-image, duplicate and previously forgotten files are skipped and
+        reported; the rest are embedded (``progress(done, total)`` per batch; raising from it, as
+        Cancel does, aborts with nothing written) and committed in one transaction."""
+        if visibility not in VISIBILITIES:
+            raise StoreError(f"visibility '{visibility}' is not one of {VISIBILITIES}.", "", "visibility")
+        report = AddReport()
+        known = {r[0] for r in self.db.execute("SELECT sha256 FROM items")}
+        forgotten = {r[0] for r in self.db.execute("SELECT sha256 FROM forgotten")}
+        staged: list[dict] = []
+        for f in files:
+            f = Path(f)
+            try:
+                data = f.read_bytes()
+            except OSError as exc:
+                report.skipped.append((str(f), f"unreadable: {exc.strerror or exc}"))
+                continue
+            sha = _sha256(data)
+            if sha in known:
+                report.skipped.append((str(f), "duplicate: already in the store"))
+                continue
+            if sha in forgotten and not allow_forgotten:
+                report.skipped.append((str(f), "forgotten earlier: not re-added (allow_forgotten to override)"))
+                continue
+            try:
+                pixels, fmt = decode_image(data)
+            except Exception as exc:  # PIL raises many types for bad data; each is a skip, not a crash
+                why = "unrecognised format" if type(exc).__name__ == "UnidentifiedImageError" else str(exc)
+                report.skipped.append((str(f), f"not a readable image: {why}"))
+                continue
+            known.add(sha)
+            ext = {"JPEG": "jpg"}.get(fmt, fmt.lower())
+            staged.append({"sha": sha, "path": str(f), "data": data, "pixels": pixels,
+                           "file": f"{IMAGE_DIR}/{sha}.{ext}"})
+        if not staged:
+            return report
+        vecs = self.embedder.embed_images([s["pixels"] for s in staged], progress=progress)
+        written: list[Path] = []
+        try:
+            for s in staged:
+                dst = self.path / s["file"]
+                if not dst.exists():
+                    _atomic_write(dst, s["data"])
+                    written.append(dst)
+            now = time.time()
+            new_ids: list[int] = []
+
+            def write() -> None:
+                for s, v in zip(staged, vecs, strict=True):
+                    h, w = s["pixels"].shape[:2]
+                    cur = self.db.execute(
+                        "INSERT INTO items(sha256, path, file, owner, visibility, added, width, height, embedding)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (s["sha"], s["path"], s["file"], owner, visibility, now, w, h,
+                         np.ascontiguousarray(v, dtype=np.float32).tobytes()))
+                    new_ids.append(int(cur.lastrowid))
+                self.db.execute(f"DELETE FROM forgotten WHERE sha256 IN ({','.join('?' * len(staged))})",
+                                [s["sha"] for s in staged])
+                new_index.add(np.array(new_ids, dtype=np.int64), vecs)
+
+            new_index = self.index.copy()
+            self._commit(new_index, write)
+        except BaseException:
+            for p in written:
+                p.unlink(missing_ok=True)
+            raise
+        report.added = new_ids
+        return report
+
+    def _resolve(self, refs: Iterable[int | str], field_name: str) -> list[int]:
+        """Ids or sha256 hex strings (full, or a unique prefix of 8+) -> existing row ids."""
+        out: list[int] = []
+        for ref in refs:
+            if isinstance(ref, (int, np.integer)) or (isinstance(ref, str) and ref.strip().isdigit()):
+                row = self.db.execute("SELECT id FROM items WHERE id=?", (int(ref),)).fetchone()
+                if row is None:
+                    raise StoreError(f"no item with id {int(ref)} in the store.",
+                                     "list the store to see the ids it holds.", field_name)
+                out.append(row[0])
+                continue
+            ref = str(ref).strip().lower()
+            if len(ref) < 8 or any(c not in "0123456789abcdef" for c in ref):
+                raise StoreError(f"'{ref}' is neither an id nor a sha256 (hex, 8+ characters).", "", field_name)
+            rows = self.db.execute("SELECT id FROM items WHERE sha256 LIKE ?", (ref + "%",)).fetchall()
+            if len(rows) != 1:
+                raise StoreError(f"sha256 '{ref}' matches {len(rows)} items.",
+                                 "give the full hash or an id." if rows else "list the store to see its hashes.",
+                                 field_name)
+            out.append(rows[0][0])
+        return sorted(set(out))
+
+    def forget(self, refs: Iterable[int | str]) -> list[Item]:
+        """Delete items by id or sha256: row, vector and stored copy, exactly, in one transaction.
+
+        Cost is one row delete plus one index rewrite; no model weights are touched, nothing
+        is retrained. Returns the forgotten items.
+        """
+        ids = self._resolve(refs, "ids")
+        if not ids:
+            raise StoreError("nothing to forget: no ids or hashes given.", "give ids or sha256 hashes.", "ids")
+        items = self.get(ids)
+        new_index = self.index.copy()
+        now = time.time()
+
+        def write() -> None:
+            marks = ",".join("?" * len(ids))
+            self.db.execute(f"DELETE FROM items WHERE id IN ({marks})", ids)
+            self.db.executemany("INSERT OR REPLACE INTO forgotten(sha256, at) VALUES (?, ?)",
+                                [(it.sha256, now) for it in items])
+            removed = new_index.remove(np.array(ids, dtype=np.int64))
+            if removed != len(ids):
+                raise RuntimeError(f"index held {removed} of {len(ids)} vectors to forget; store inconsistent")
+
+        self._commit(new_index, write)
+        for it in items:
+            (self.path / it.file).unlink(missing_ok=True)
+        return items
+
+    def set_visibility(self, refs: Iterable[int | str], visibility: str) -> list[int]:
+        """Mark items public or private (metadata only: the vectors do not change)."""
+        if visibility not in VISIBILITIES:
+            raise StoreError(f"visibility '{visibility}' is not one of {VISIBILITIES}.", "", "visibility")
+        ids = self._resolve(refs, "ids")
+        marks = ",".join("?" * len(ids))
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute(f"UPDATE items SET visibility=? WHERE id IN ({marks})", [visibility, *ids])
+            self.db.execute("UPDATE meta SET value=CAST(value AS INTEGER)+1 WHERE key='revision'")
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return ids
+
+    # -- reads ----------------------------------------------------------------------------
+    _COLS = "id, sha256, path, owner, visibility, added, width, height, file"
+
+    def get(self, ids: Iterable[int]) -> list[Item]:
+        """Items by id, in the order given; unknown ids are an error."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return []
+        rows = self.db.execute(f"SELECT {self._COLS} FROM items WHERE id IN ({','.join('?' * len(set(ids)))})",
+                               sorted(set(ids))).fetchall()
+        by_id = {r[0]: Item(*r) for r in rows}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise StoreError(f"ids {missing} are not in the store (forgotten or never added).", "", "ids")
+        return [by_id[i] for i in ids]
+
+    def list(self, visibility: str = "all") -> list[Item]:
+        where, args = self._filter(visibility)
+        rows = self.db.execute(f"SELECT {self._COLS} FROM items {where} ORDER BY id", args).fetchall()
+        return [Item(*r) for r in rows]
+
+    def _filter(self, visibility: str) -> tuple[str, list]:
+        if visibility not in FILTERS:
+            raise StoreError(f"visibility filter '{visibility}' is not one of {FILTERS}.", "", "visibility")
+        return ("", []) if visibility == "all" else ("WHERE visibility=?", [visibility])
+
+    def summary(self) -> dict:
+        counts = dict(self.db.execute("SELECT visibility, COUNT(*) FROM items GROUP BY visibility").fetchall())
+        return {"path": str(self.path), "items": len(self), "public": counts.get("public", 0),
+                "private": counts.get("private", 0), "model": self.config["model"]["name"],
+                "weights": self.config["model"]["weights"], "dim": self.dim, "generation": self.generation,
+                "forgotten": int(self.db.execute("SELECT COUNT(*) FROM forgotten").fetchone()[0])}
+
+    def query_vector(self, text: str | None = None, image: torch.Tensor | None = None) -> np.ndarray:
+        """The unit query vector [1, dim] for a text or an IMAGE batch (batch: mean embedding)."""
+        has_text = bool(text and text.strip())
+        if has_text == (image is not None):
+            raise StoreError("give exactly one query: a text or an image.",
+                             "fill the text or connect an image, not both." if has_text else "type a text or connect an image.",
+                             "query")
+        if has_text:
+            return self.embedder.embed_texts([text.strip()])
+        vecs = self.embedder.embed_images(image)
+        mean = vecs.mean(axis=0, keepdims=True)
+        return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+
+    def query(self, text: str | None = None, image: torch.Tensor | None = None, k: int = 4,
+              visibility: str = "private") -> list[Hit]:
+        """The ``k`` items most similar to the query among those with the given visibility."""
+        where, args = self._filter(visibility)
+        if k < 1:
+            raise StoreError(f"k={k}: ask for at least one image.", "set k >= 1.", "k")
+        total = len(self)
+        if total == 0:
+            raise StoreError("the store is empty.", "add images to it first.", "store")
+        visible = np.array([r[0] for r in self.db.execute(f"SELECT id FROM items {where}", args)], dtype=np.int64)
+        if len(visible) == 0:
+            raise StoreError(f"the store holds {total} images but none is {visibility}.",
+                             "mark some images " + visibility + " or change the visibility filter.", "visibility")
+        if k > len(visible):
+            raise StoreError(f"k={k} but only {len(visible)} {'' if visibility == 'all' else visibility + ' '}images "
+                             f"are in the store.", f"set k <= {len(visible)}.", "k")
+        q = self.query_vector(text, image)
+        scores, ids = self.index.search(q, k, None if visibility == "all" else visible)
+        keep = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
+        items = {it.id: it for it in self.get([i for i, _ in keep])}
+        return [Hit(**asdict(items[i]), score=s) for i, s in keep]
+
+    def load_images(self, hits: Sequence[Item], size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Stored copies as one ComfyUI IMAGE [B, H, W, 3] float 0..1.
+
+        A batch needs one size: ``size`` (h, w), else the first image's; others are
+        cover-resized and centre-cropped to it.
+        """
+        if not hits:
+            raise StoreError("no hits to load.", "query with k >= 1 first.", "hits")
+        imgs = []
+        for h in hits:
+            p = self.path / h.file
+            if not p.is_file():
+                raise StoreError(f"image {h.id} ({h.sha256[:12]}) is no longer in the store.",
+                                 "query again: it was forgotten.", "hits")
+            imgs.append(decode_image(p.read_bytes())[0])
+        th, tw = size or tuple(imgs[0].shape[:2])
+        return torch.stack([_fit(im, th, tw) for im in imgs])
+
+    def image_embeddings(self, ids: Sequence[int]) -> torch.Tensor:
+        """Stored unit image embeddings [N, dim] float32 for these ids (in that order)."""
+        ids = [int(i) for i in ids]
+        self.get(ids)
+        rows = dict(self.db.execute(f"SELECT id, embedding FROM items WHERE id IN ({','.join('?' * len(set(ids)))})",
+                                    sorted(set(ids))).fetchall()) if ids else {}
+        if not ids:
+            return torch.zeros((0, self.dim), dtype=torch.float32)
+        return torch.from_numpy(np.stack([np.frombuffer(rows[i], dtype=np.float32) for i in ids]).copy())
+
+
+def attribution(hits: Sequence[Item], store: ImageStore | None = None) -> dict:
+    """The credit record for a set of retrieved items (what CPR writes into saved images)."""
+    out: dict = {"items": [{"id": h.id, "sha256": h.sha256, "owner": h.owner, "visibility": h.visibility,
+                            **({"score": round(h.score, 6)} if isinstance(h, Hit) else {})} for h in hits]}
+    if store is not None:
+        out["store"] = store.path.name
+        out["model"] = store.config["model"]["name"]
+    return out
