@@ -1,0 +1,275 @@
+"""M3ID decoding (Multi-Modal Mutual-Information Decoding, arXiv 2403.14003).
+
+Vision-language models drift towards their language prior as a caption grows: the image's
+share in each next-token distribution fades. M3ID contrasts, per generated token t, the
+log-probabilities with the image (l_c) and without it (l_u, same prompt and same generated
+prefix, its own KV cache) and amplifies what the image adds, more as t grows:
+
+    gamma_t = exp(-lambda * t)            (t = 1 for the first generated token)
+    w_t     = min((1 - gamma_t) / gamma_t, weight_cap)
+    l       = l_c + [max p_c < alpha] * w_t * (l_c - l_u)
+
+The gate leaves tokens alone where the conditioned model is already confident (top-1
+probability >= alpha). lambda = 0 gives w_t = 0, i.e. exactly plain decoding. The cap
+keeps very long captions from being dominated by the contrast term. The Prompt Dependency
+Measure (PDM) of a token is the Hellinger distance between p_c and p_u: how much the image
+changed the distribution (0: not at all, 1: disjoint).
+
+The conditioned branch runs inside ``model.generate`` (which knows each family's vision
+inputs, position ids and cache); the image-free branch runs in :class:`M3IDProcessor`, a
+``LogitsProcessor`` holding its own KV cache, both batched over the images of a chunk.
+The processor also makes the token choice (greedy, or sampling from its own seeded
+``torch.Generator``) and hands ``generate`` a one-hot score row, so ``generate`` runs
+greedily and the global RNG is never touched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Progress = Callable[[int, int], None] | None
+
+
+@dataclass
+class M3IDSettings:
+    """User-facing knobs; defaults follow the project's design (lambda 0.02, alpha 0.3, greedy)."""
+
+    lam: float = 0.02
+    alpha: float = 0.3
+    weight_cap: float = 10.0
+    max_new_tokens: int = 64
+    greedy: bool = True
+    seed: int = 0
+    temperature: float = 1.0
+    contrast: bool = True  # False: plain decoding (the image-free branch then runs only for PDM)
+    pdm: bool = True  # run the image-free branch to report PDM even when contrast is off
+
+    def validate(self) -> None:
+        if not math.isfinite(self.lam) or self.lam < 0:
+            raise ValueError(f"lambda must be >= 0 (got {self.lam}); 0 is plain decoding.")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1] (got {self.alpha}).")
+        if self.weight_cap < 0:
+            raise ValueError(f"weight_cap must be >= 0 (got {self.weight_cap}).")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens}).")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (got {self.temperature}).")
+
+
+def m3id_weight(t: int, lam: float, cap: float) -> float:
+    """w_t = (1 - gamma_t) / gamma_t with gamma_t = exp(-lambda t), capped (= expm1(lambda t))."""
+    return float(min(math.expm1(lam * t), cap))
+
+
+def m3id_combine(l_c: torch.Tensor, l_u: torch.Tensor, t: int, lam: float, alpha: float,
+                 cap: float) -> torch.Tensor:
+    """The M3ID rule on log-probabilities of shape (batch, vocab); returns the combined scores."""
+    w = m3id_weight(t, lam, cap)
+    if w == 0.0:
+        return l_c
+    gate = (l_c.max(dim=-1, keepdim=True).values.exp() < alpha).to(l_c.dtype)
+    return l_c + gate * w * (l_c - l_u)
+
+
+def hellinger(l_c: torch.Tensor, l_u: torch.Tensor) -> torch.Tensor:
+    """Hellinger distance between the distributions of two log-prob rows: sqrt(1 - BC), in [0, 1]."""
+    bc = torch.exp(0.5 * (l_c + l_u)).sum(dim=-1)
+    return torch.sqrt(torch.clamp(1.0 - bc, min=0.0))
+
+
+class ImageFreeBranch:
+    """The image-free branch: same prompt without the image, its own KV cache, text-only forward.
+
+    Position ids are passed explicitly so that families that keep decoding state on the
+    model (Qwen2-VL's ``rope_deltas``) are not disturbed by this second sequence.
+    """
+
+    def __init__(self, model: Any, inputs: dict[str, torch.Tensor]):
+        self.model = model
+        self.inputs = inputs
+        self.cache: Any = None
+        self.length = 0
+        self.logits_trace: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def step(self, new_tokens: torch.Tensor | None) -> torch.Tensor:
+        """Feed the prompt (first call) or the last chosen tokens; return last-position logits."""
+        if self.cache is None:
+            ids = self.inputs["input_ids"]
+            extra = {k: v for k, v in self.inputs.items() if k != "input_ids"}
+        else:
+            ids = new_tokens.reshape(-1, 1)
+            extra = {k: torch.ones_like(ids) for k in self.inputs if k == "token_type_ids"}
+        device = self.model.device
+        ids = ids.to(device)
+        pos = torch.arange(self.length, self.length + ids.shape[1], device=device).expand(ids.shape[0], -1)
+        out = self.model(input_ids=ids, position_ids=pos, past_key_values=self.cache, use_cache=True,
+                         logits_to_keep=1, **{k: v.to(device) for k, v in extra.items()})
+        self.cache = out.past_key_values
+        self.length += ids.shape[1]
+        logits = out.logits[:, -1, :].float()
+        self.logits_trace.append(logits)
+        return logits
+
+
+class M3IDProcessor:
+    """A transformers ``LogitsProcessor`` applying M3ID and choosing the token itself.
+
+    Records, per step, the PDM of each row and whether the gate fired, for the caption report.
+    """
+
+    def __init__(self, model: Any, uncond_inputs: dict[str, torch.Tensor] | None, settings: M3IDSettings):
+        self.settings = settings
+        self.branch = ImageFreeBranch(model, uncond_inputs) if uncond_inputs is not None else None
+        self.t = 0
+        self.pdm: list[torch.Tensor] = []
+        self.gated: list[torch.Tensor] = []
+        self.generator: torch.Generator | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        s = self.settings
+        self.t += 1
+        l_c = torch.log_softmax(scores.float(), dim=-1)
+        if self.branch is not None:
+            u = self.branch.step(None if self.t == 1 else input_ids[:, -1])
+            l_u = torch.log_softmax(u.to(l_c.device)[:, : l_c.shape[-1]], dim=-1)
+            if u.shape[-1] < l_c.shape[-1]:  # vocab padding on the conditioned head only
+                l_u = torch.nn.functional.pad(l_u, (0, l_c.shape[-1] - u.shape[-1]), value=-math.inf)
+            self.pdm.append(hellinger(l_c, l_u).cpu())
+            self.gated.append((l_c.max(dim=-1).values.exp() < s.alpha).cpu())
+            combined = m3id_combine(l_c, l_u, self.t, s.lam, s.alpha, s.weight_cap) if s.contrast else l_c
+        else:
+            combined = l_c
+        if s.greedy:
+            choice = combined.argmax(dim=-1)
+        else:
+            if self.generator is None:
+                self.generator = torch.Generator(device=combined.device).manual_seed(int(s.seed))
+            probs = torch.softmax(combined / s.temperature, dim=-1)
+            choice = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        out = torch.full_like(scores, -math.inf)
+        out.scatter_(1, choice[:, None], 0.0)
+        return out
+
+
+class _ProgressCriteria:
+    """A StoppingCriteria that never stops but reports each token step (and lets Cancel raise)."""
+
+    def __init__(self, progress: Progress, total: int, offset: int = 0, grand_total: int | None = None):
+        self.progress, self.total, self.offset = progress, total, offset
+        self.grand_total = grand_total or total
+        self.step = 0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kw: Any) -> torch.BoolTensor:
+        self.step += 1
+        if self.progress is not None:
+            self.progress(self.offset + self.step, self.grand_total)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class CaptionResult:
+    """One caption: text, generated token ids, and per-token PDM (empty for plain decoding)."""
+
+    text: str
+    token_ids: list[int]
+    pdm: list[float] = field(default_factory=list)
+    gated: list[bool] = field(default_factory=list)
+    error: str | None = None
+
+
+@torch.no_grad()
+def generate_m3id(model: Any, cond_inputs: dict[str, torch.Tensor], uncond_inputs: dict[str, torch.Tensor] | None,
+                  settings: M3IDSettings, eos_token_ids: list[int], pad_token_id: int,
+                  progress: Progress = None, progress_offset: int = 0,
+                  progress_total: int | None = None) -> tuple[torch.Tensor, M3IDProcessor]:
+    """Run M3ID for a batch; returns (new token ids (batch, <= max_new_tokens), the processor).
+
+    ``uncond_inputs=None`` (or ``settings.contrast=False`` with no need for PDM) skips the
+    image-free branch: plain greedy/sampled decoding through the same code path.
+    """
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+    settings.validate()
+    proc = M3IDProcessor(model, uncond_inputs, settings)
+    gen_cfg = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1,
+                               eos_token_id=eos_token_ids or None, pad_token_id=pad_token_id,
+                               repetition_penalty=1.0, no_repeat_ngram_size=0)
+    device = model.device
+    inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in cond_inputs.items()}
+    if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    stop = _ProgressCriteria(progress, settings.max_new_tokens, progress_offset, progress_total)
+    out = model.generate(**inputs, generation_config=gen_cfg, logits_processor=LogitsProcessorList([proc]),
+                         stopping_criteria=StoppingCriteriaList([stop]))
+    return out[:, inputs["input_ids"].shape[1]:], proc
+
+
+def split_results(new_tokens: torch.Tensor, proc: M3IDProcessor, tokenizer: Any,
+                  eos_token_ids: list[int]) -> list[CaptionResult]:
+    """Cut each row at its first EOS and attach that row's PDM / gate trace."""
+    results = []
+    eos = set(eos_token_ids)
+    for row in range(new_tokens.shape[0]):
+        ids = new_tokens[row].tolist()
+        n = next((i for i, tok in enumerate(ids) if tok in eos), len(ids))
+        ids = ids[:n]
+        pdm = [float(p[row]) for p in proc.pdm[:n]]
+        gated = [bool(g[row]) for g in proc.gated[:n]]
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        results.append(CaptionResult(text, ids, pdm, gated))
+    return results
+
+
+def caption_images(vlm: Any, images: list, prompt: str, settings: M3IDSettings, chunk_size: int = 4,
+                   progress: Progress = None, fatal: tuple[type[BaseException], ...] = ()) -> list[CaptionResult]:
+    """Caption every image (PIL) in chunks; a failing chunk is retried per image, a failing
+    image yields a result with ``error`` set and the others survive. Out-of-memory halves
+    the chunk. Exceptions in ``fatal`` (e.g. the host's interrupt) propagate.
+    """
+    from .m3id_models import build_inputs
+
+    if not prompt or not prompt.strip():
+        raise ValueError("prompt is empty; write what the caption should answer, e.g. 'Describe this image.'")
+    settings.validate()
+    results: list[CaptionResult | None] = [None] * len(images)
+    total = len(images) * settings.max_new_tokens
+    need_branch = settings.contrast or settings.pdm
+
+    def run(idx: list[int]) -> None:
+        cond, uncond = build_inputs(vlm, [images[i] for i in idx], prompt)
+        new, proc = generate_m3id(vlm.model, cond, uncond if need_branch else None, settings, vlm.eos_token_ids,
+                                  vlm.pad_token_id, progress, idx[0] * settings.max_new_tokens, total)
+        for i, res in zip(idx, split_results(new, proc, vlm.tokenizer, vlm.eos_token_ids), strict=True):
+            results[i] = res
+
+    start, size = 0, max(1, int(chunk_size))
+    while start < len(images):
+        idx = list(range(start, min(start + size, len(images))))
+        try:
+            run(idx)
+        except fatal:
+            raise
+        except torch.OutOfMemoryError:
+            if size > 1:
+                size = max(1, size // 2)
+                continue
+            results[idx[0]] = CaptionResult("", [], error="out of memory even for a single image")
+        except Exception:  # noqa: BLE001 - one bad chunk must not lose the others
+            for i in idx:
+                try:
+                    run([i])
+                except fatal:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    results[i] = CaptionResult("", [], error=f"{type(exc).__name__}: {exc}")
+        start = idx[-1] + 1
+        if progress is not None:
+            progress(start * settings.max_new_tokens, total)
+    return [r if r is not None else CaptionResult("", [], error="not captioned") for r in results]
