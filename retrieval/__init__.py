@@ -7,7 +7,7 @@ forgetting (:mod:`.store`). No ComfyUI imports here.
 
 from .embed import Embedder, EmbedderError
 from .index import FaissIndex, NumpyIndex, VectorIndex
-from .store import AddReport, Hit, ImageStore, Item, StoreError, attribution
+from .store import AddReport, Hit, ImageStore, Item, StoreError, attribution, build_or_update, parse_refs
 
 __all__ = ["AddReport", "Embedder", "EmbedderError", "FaissIndex", "Hit", "ImageStore", "Item",
-           "NumpyIndex", "StoreError", "VectorIndex", "attribution"]
+           "NumpyIndex", "StoreError", "VectorIndex", "attribution", "build_or_update", "parse_refs"]

@@ -412,20 +412,35 @@ class ImageStore:
         report.added = new_ids
         return report
 
+    @staticmethod
+    def _check_ref(ref: int | str, field_name: str) -> int | str:
+        """An id (int) or a lower-case sha256 prefix (str, 8+ hex); anything else is an error."""
+        if isinstance(ref, (int, np.integer)) or (isinstance(ref, str) and ref.strip().isdigit()):
+            return int(ref)
+        ref = str(ref).strip().lower()
+        if len(ref) < 8 or len(ref) > 64 or any(c not in "0123456789abcdef" for c in ref):
+            raise StoreError(f"'{ref}' is neither an id nor a sha256 (hex, 8+ characters).",
+                             "give numeric ids or sha256 hashes (see List Image Store).", field_name)
+        return ref
+
+    def _exists(self, ref: int | str) -> bool:
+        ref = self._check_ref(ref, "ids")
+        if isinstance(ref, int):
+            return self.db.execute("SELECT 1 FROM items WHERE id=?", (ref,)).fetchone() is not None
+        return self.db.execute("SELECT 1 FROM items WHERE sha256 LIKE ?", (ref + "%",)).fetchone() is not None
+
     def _resolve(self, refs: Iterable[int | str], field_name: str) -> list[int]:
         """Ids or sha256 hex strings (full, or a unique prefix of 8+) -> existing row ids."""
         out: list[int] = []
-        for ref in refs:
-            if isinstance(ref, (int, np.integer)) or (isinstance(ref, str) and ref.strip().isdigit()):
-                row = self.db.execute("SELECT id FROM items WHERE id=?", (int(ref),)).fetchone()
+        for raw in refs:
+            ref = self._check_ref(raw, field_name)
+            if isinstance(ref, int):
+                row = self.db.execute("SELECT id FROM items WHERE id=?", (ref,)).fetchone()
                 if row is None:
-                    raise StoreError(f"no item with id {int(ref)} in the store.",
+                    raise StoreError(f"no item with id {ref} in the store.",
                                      "list the store to see the ids it holds.", field_name)
                 out.append(row[0])
                 continue
-            ref = str(ref).strip().lower()
-            if len(ref) < 8 or any(c not in "0123456789abcdef" for c in ref):
-                raise StoreError(f"'{ref}' is neither an id nor a sha256 (hex, 8+ characters).", "", field_name)
             rows = self.db.execute("SELECT id FROM items WHERE sha256 LIKE ?", (ref + "%",)).fetchall()
             if len(rows) != 1:
                 raise StoreError(f"sha256 '{ref}' matches {len(rows)} items.",
@@ -434,15 +449,21 @@ class ImageStore:
             out.append(rows[0][0])
         return sorted(set(out))
 
-    def forget(self, refs: Iterable[int | str]) -> list[Item]:
+    def forget(self, refs: Iterable[int | str], missing_ok: bool = False) -> list[Item]:
         """Delete items by id or sha256: row, vector and stored copy, exactly, in one transaction.
 
         Cost is one row delete plus one index rewrite; no model weights are touched, nothing
-        is retrained. Returns the forgotten items.
+        is retrained. Returns the forgotten items. ``missing_ok`` makes a repeated request for an
+        item already gone a no-op instead of an error (unlearning requests get retried).
         """
-        ids = self._resolve(refs, "ids")
-        if not ids:
+        refs = list(refs)
+        if not refs:
             raise StoreError("nothing to forget: no ids or hashes given.", "give ids or sha256 hashes.", "ids")
+        if missing_ok:
+            refs = [r for r in refs if self._exists(r)]
+            if not refs:
+                return []
+        ids = self._resolve(refs, "ids")
         items = self.get(ids)
         new_index = self.index.copy()
         now = time.time()
@@ -572,6 +593,61 @@ class ImageStore:
         if not ids:
             return torch.zeros((0, self.dim), dtype=torch.float32)
         return torch.from_numpy(np.stack([np.frombuffer(rows[i], dtype=np.float32) for i in ids]).copy())
+
+
+def parse_refs(text: str) -> list[int | str]:
+    """Item references from user text: a JSON attribution record (``{"items": [{"id":..}]}``,
+    what Retrieve outputs), a JSON list, or ids / sha256 hashes separated by commas or spaces."""
+    text = (text or "").strip()
+    if not text:
+        return []
+    if text[0] in "[{":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"ids look like JSON but do not parse: {exc}.", "", "ids") from exc
+        if isinstance(data, dict):
+            data = data.get("items", data.get("ids", []))
+        out: list[int | str] = []
+        for entry in data if isinstance(data, list) else [data]:
+            if isinstance(entry, dict):
+                entry = entry.get("id", entry.get("sha256"))
+            if isinstance(entry, bool) or not isinstance(entry, (int, str)):
+                raise StoreError(f"cannot read an item reference from {entry!r}.", "", "ids")
+            out.append(entry)
+        return out
+    return [int(t) if t.isdigit() else t for t in text.replace(",", " ").split()]
+
+
+def build_or_update(path: str | Path, embedder: Embedder, folder: str | Path, owner: str = "",
+                    visibility: str = "private", progress: Progress | None = None) -> tuple[ImageStore, AddReport, bool]:
+    """Add ``folder`` to the store at ``path``, creating it if needed: (store, report, created).
+
+    A new store is built entirely in a hidden sibling folder and renamed into place only when
+    the add succeeded, so a failed or cancelled first build leaves no store behind.
+    """
+    path = Path(path)
+    if (path / DB_NAME).is_file():
+        store = ImageStore(path, embedder)
+        try:
+            return store, store.add_folder(folder, owner=owner, visibility=visibility, progress=progress), False
+        except BaseException:
+            store.close()
+            raise
+    if path.exists():
+        raise StoreError(f"'{path}' exists and is not an image store.", "pick another store name.", "store")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        store = ImageStore.create(tmp, embedder)
+        try:
+            report = store.add_folder(folder, owner=owner, visibility=visibility, progress=progress)
+        finally:
+            store.close()
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ImageStore(path, embedder), report, True
 
 
 def attribution(hits: Sequence[Item], store: ImageStore | None = None) -> dict:

@@ -1,0 +1,391 @@
+"""Image store nodes: build/update, load, retrieve, set visibility, forget, list.
+
+Stores are folders in ``models/retrieval_stores`` (a dropdown); the open_clip weights come
+from ``models/open_clip`` or ``models/clip_vision`` (safetensors in open_clip's key layout).
+The nodes pass a ``COMPARTMENTS_IMAGE_STORE`` handle along, so a graph orders its writes:
+Build -> Forget -> Retrieve retrieves from the store after the forget. The work is in
+``retrieval/``; these classes translate ComfyUI objects and errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import comfy.model_management
+import comfy.model_patcher
+import folder_paths
+from comfy_api.latest import io
+
+from ..retrieval.embed import Embedder, EmbedderError
+from ..retrieval.store import (
+    FILTERS,
+    VISIBILITIES,
+    ImageStore,
+    StoreError,
+    attribution,
+    build_or_update,
+    parse_refs,
+)
+from . import _host
+
+STORES = "retrieval_stores"
+OPEN_CLIP = "open_clip"
+CATEGORY = "Compartments/Retrieval"
+
+_host.register_model_folder(STORES, is_dir=True)
+_host.register_model_folder(OPEN_CLIP)
+
+StoreType = io.Custom("COMPARTMENTS_IMAGE_STORE")
+
+
+@dataclass(frozen=True)
+class StoreHandle:
+    """What flows between the nodes: where the store is and which model embeds its queries."""
+
+    path: str
+    weights: str
+    model_name: str = "auto"
+
+    def open(self, node: str) -> ImageStore:
+        try:
+            return ImageStore(self.path, _embedder(self.weights, self.model_name, node))
+        except StoreError as exc:
+            raise _input_error(node, exc) from exc
+
+
+# -- helpers ------------------------------------------------------------------------------
+def _input_error(node: str, exc: StoreError | EmbedderError, default_input: str = "store") -> _host.InputError:
+    if isinstance(exc, StoreError):
+        return _host.InputError(node, exc.field or default_input, exc.problem, exc.fix)
+    return _host.InputError(node, "weights", str(exc))
+
+
+def _weights_options() -> list[str]:
+    names = set(folder_paths.get_filename_list(OPEN_CLIP)) | set(folder_paths.get_filename_list("clip_vision"))
+    return sorted(n for n in names if n.endswith(".safetensors"))
+
+
+def _weights_path(name: str, node: str) -> str:
+    for folder in (OPEN_CLIP, "clip_vision"):
+        if folder_paths.get_full_path(folder, name):
+            return _host.resolve_file(folder, name, node, "weights")
+    raise _host.InputError(node, "weights", f"'{name}' is in neither models/{OPEN_CLIP} nor models/clip_vision.",
+                           f"put open_clip safetensors weights in {_host.folder_dirs(OPEN_CLIP)[0]} and refresh.")
+
+
+_EMBEDDERS: dict[tuple, tuple[Embedder, comfy.model_patcher.ModelPatcher]] = {}
+
+
+def _embedder(weights_path: str, model_name: str, node: str) -> Embedder:
+    """Cached open_clip model for these weights, loaded through ComfyUI's memory manager."""
+    st = os.stat(weights_path)
+    key = (weights_path, st.st_mtime_ns, st.st_size, model_name)
+    if key not in _EMBEDDERS:
+        try:
+            emb = Embedder(weights_path, model_name)
+        except EmbedderError as exc:
+            raise _host.InputError(node, "model_config", str(exc),
+                                   "pick the open_clip config that matches the weights.") from exc
+        patcher = comfy.model_patcher.ModelPatcher(emb.model, load_device=comfy.model_management.get_torch_device(),
+                                                   offload_device=comfy.model_management.unet_offload_device())
+        _EMBEDDERS.clear()
+        _EMBEDDERS[key] = (emb, patcher)
+    emb, patcher = _EMBEDDERS[key]
+    comfy.model_management.load_models_gpu([patcher])
+    emb.device = patcher.load_device
+    return emb
+
+
+def _store_path(name: str, node: str) -> Path:
+    name = name.strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,99}", name) or ".." in name:
+        raise _host.InputError(node, "store_name", f"'{name}' is not a usable store name.",
+                               "use letters, digits, '-', '_', '.', spaces; no slashes.")
+    for base in _host.folder_dirs(STORES):
+        if (Path(base) / name).is_dir():
+            return Path(base) / name
+    return Path(_host.folder_dirs(STORES)[0]) / name
+
+
+def _input_folders() -> list[str]:
+    base = folder_paths.get_input_directory()
+    if not os.path.isdir(base):
+        return []
+    return sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)) and not d.startswith("."))
+
+
+def _input_folder(name: str, node: str) -> Path:
+    base = os.path.realpath(folder_paths.get_input_directory())
+    cand = os.path.realpath(os.path.join(base, name))
+    if os.path.commonpath([cand, base]) != base or cand == base or not os.path.isdir(cand):
+        raise _host.InputError(node, "folder", f"'{name}' is not a folder under ComfyUI's input directory.",
+                               f"put the images in a folder inside {base} and refresh.")
+    return Path(cand)
+
+
+def _folder_signature(folder: Path) -> list:
+    try:
+        return sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                      for p in folder.rglob("*") if p.is_file())
+    except OSError:
+        return []
+
+
+def _revision(path: Path) -> int | None:
+    try:
+        with ImageStore(path) as store:
+            return store.revision
+    except Exception:
+        return None
+
+
+# -- nodes --------------------------------------------------------------------------------
+class BuildImageStore(io.ComfyNode):
+    """Create a store from a folder of images under input/, or add the folder's new images."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CompartmentsRetrievalBuildStore",
+            display_name="Build Image Store",
+            category=CATEGORY,
+            description="Embed every image of an input folder with open_clip and add it to a store (created if new). "
+                        "Corrupt and non-image files are skipped and listed in the report; already stored or "
+                        "forgotten images are not added again.",
+            inputs=[
+                io.String.Input("store_name", default="my-images",
+                                tooltip="Folder name in models/retrieval_stores (new or existing)."),
+                io.Combo.Input("folder", options=_input_folders(), tooltip="A folder under ComfyUI's input directory."),
+                io.Combo.Input("weights", options=_weights_options(),
+                               tooltip="open_clip safetensors from models/open_clip or models/clip_vision."),
+                io.Combo.Input("model_config", options=["auto", *_open_clip_configs()], default="auto",
+                               tooltip="open_clip architecture; 'auto' reads it from the weights' metadata."),
+                io.Combo.Input("visibility", options=list(VISIBILITIES), default="private",
+                               tooltip="Visibility given to newly added images."),
+                io.String.Input("owner", default="", tooltip="Owner recorded with each new image (credit)."),
+            ],
+            outputs=[StoreType.Output(display_name="store"), io.String.Output(display_name="report")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, store_name, folder, **kwargs):
+        base = folder_paths.get_input_directory()
+        sig = _folder_signature(Path(base) / folder)
+        path = None
+        for b in _host.folder_dirs(STORES):
+            if (Path(b) / store_name.strip()).is_dir():
+                path = Path(b) / store_name.strip()
+        return json.dumps([sig, _revision(path) if path else None])
+
+    @classmethod
+    def execute(cls, store_name, folder, weights, model_config="auto", visibility="private",
+                owner="") -> io.NodeOutput:
+        node = "Build Image Store"
+        path = _store_path(store_name, node)
+        src = _input_folder(folder, node)
+        weights_path = _weights_path(weights, node)
+        emb = _embedder(weights_path, model_config, node)
+        count = sum(1 for p in src.rglob("*") if p.is_file())
+        progress = _host.progress(count, node_id=cls.hidden.unique_id if cls.hidden else None)
+        try:
+            store, report, created = build_or_update(path, emb, src, owner=owner, visibility=visibility,
+                                                     progress=progress)
+        except (StoreError, EmbedderError) as exc:
+            raise _input_error(node, exc) from exc
+        with store:
+            summary = store.summary()
+        base = str(src)
+        out = {"store": path.name, "created": created, "added": report.added,
+               "skipped": [{"file": os.path.relpath(p, base), "reason": r} for p, r in report.skipped],
+               "items": summary["items"], "public": summary["public"], "private": summary["private"]}
+        return io.NodeOutput(StoreHandle(str(path), weights_path, model_config), json.dumps(out, indent=1))
+
+
+def _open_clip_configs() -> list[str]:
+    try:
+        import open_clip
+
+        return list(open_clip.list_models())
+    except Exception:
+        return []
+
+
+class LoadImageStore(io.ComfyNode):
+    """Open an existing store; its open_clip weights are found by the name it recorded."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CompartmentsRetrievalLoadStore",
+            display_name="Load Image Store",
+            category=CATEGORY,
+            description="Open a store from models/retrieval_stores. The open_clip weights it was built with must be "
+                        "in models/open_clip or models/clip_vision (override with 'weights').",
+            inputs=[
+                io.Combo.Input("store", options=_host.list_dirs(STORES)),
+                io.Combo.Input("weights", options=["(recorded)", *_weights_options()], default="(recorded)",
+                               tooltip="Which weights file to embed queries with; must be the model the store was built with."),
+            ],
+            outputs=[StoreType.Output(display_name="store"), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, store, weights="(recorded)"):
+        for base in _host.folder_dirs(STORES):
+            if (Path(base) / store).is_dir():
+                return _revision(Path(base) / store)
+        return None
+
+    @classmethod
+    def execute(cls, store, weights="(recorded)") -> io.NodeOutput:
+        node = "Load Image Store"
+        path = _host.resolve_dir(STORES, store, node, "store")
+        try:
+            with ImageStore(path) as opened:
+                model = opened.config["model"]
+                summary = opened.summary()
+        except StoreError as exc:
+            raise _input_error(node, exc) from exc
+        name = model["weights"] if weights == "(recorded)" else weights
+        weights_path = _weights_path(name, node)
+        handle = StoreHandle(path, weights_path, "auto" if model["name"].startswith("custom:") or
+                             model["name"] not in _open_clip_configs() else model["name"])
+        handle.open(node).close()
+        return io.NodeOutput(handle, json.dumps(summary, indent=1))
+
+
+class RetrieveImages(io.ComfyNode):
+    """kNN over the store by text or image; returns the images and their credit record."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CompartmentsRetrievalRetrieve",
+            display_name="Retrieve Images",
+            category=CATEGORY,
+            description="The k stored images most similar (open_clip cosine) to a text or an image, among the "
+                        "private, public or all items. 'ids' is JSON with the id, sha256 and owner of every image "
+                        "returned, for credit attribution.",
+            inputs=[
+                StoreType.Input("store"),
+                io.String.Input("text", multiline=True, default="", tooltip="Text query (leave empty to query by image)."),
+                io.Int.Input("k", default=4, min=1, max=256),
+                io.Combo.Input("visibility", options=list(FILTERS), default="private"),
+                io.Image.Input("image", optional=True, tooltip="Image query (batch: mean embedding)."),
+            ],
+            outputs=[io.Image.Output(display_name="images"), io.String.Output(display_name="ids")],
+        )
+
+    @classmethod
+    def execute(cls, store, text, k, visibility, image=None) -> io.NodeOutput:
+        node = "Retrieve Images"
+        _host.check_interrupt()
+        with store.open(node) as opened:
+            try:
+                hits = opened.query(text=text if image is None else (text or None), image=image, k=k,
+                                    visibility=visibility)
+                images = opened.load_images(hits)
+            except StoreError as exc:
+                raise _input_error(node, exc, "text") from exc
+            record = attribution(hits, opened)
+        out = images.to(comfy.model_management.intermediate_device())
+        return io.NodeOutput(out, json.dumps(record))
+
+
+class SetImageVisibility(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CompartmentsRetrievalSetVisibility",
+            display_name="Set Image Visibility",
+            category=CATEGORY,
+            description="Mark stored images public or private (ids, sha256 hashes, or the JSON from Retrieve Images).",
+            inputs=[
+                StoreType.Input("store"),
+                io.String.Input("ids", default="", tooltip="Ids or sha256, comma separated, or Retrieve's ids JSON."),
+                io.Combo.Input("visibility", options=list(VISIBILITIES), default="public"),
+            ],
+            outputs=[StoreType.Output(display_name="store"), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, store, ids, visibility) -> io.NodeOutput:
+        node = "Set Image Visibility"
+        with store.open(node) as opened:
+            try:
+                refs = parse_refs(ids)
+                if not refs:
+                    raise StoreError("no ids given.", "type ids or sha256 hashes, or connect Retrieve's ids.", "ids")
+                changed = opened.set_visibility(refs, visibility)
+            except StoreError as exc:
+                raise _input_error(node, exc, "ids") from exc
+        return io.NodeOutput(store, json.dumps({"visibility": visibility, "ids": changed}))
+
+
+class ForgetImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CompartmentsRetrievalForget",
+            display_name="Forget Images",
+            category=CATEGORY,
+            description="Unlearn stored images: the row, the vector and the stored copy are deleted in one "
+                        "transaction, so no later query can return them; no model weights change. Items already "
+                        "gone are reported, not an error (repeated requests are safe).",
+            inputs=[
+                StoreType.Input("store"),
+                io.String.Input("ids", default="", tooltip="Ids or sha256, comma separated, or Retrieve's ids JSON."),
+            ],
+            outputs=[StoreType.Output(display_name="store"), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, store, ids) -> io.NodeOutput:
+        node = "Forget Images"
+        _host.check_interrupt()
+        with store.open(node) as opened:
+            try:
+                refs = parse_refs(ids)
+                if not refs:
+                    raise StoreError("no ids given.", "type ids or sha256 hashes, or connect Retrieve's ids.", "ids")
+                gone = opened.forget(refs, missing_ok=True)
+            except StoreError as exc:
+                raise _input_error(node, exc, "ids") from exc
+            left = len(opened)
+        report = {"requested": refs, "forgotten": [{"id": it.id, "sha256": it.sha256} for it in gone],
+                  "items_left": left}
+        return io.NodeOutput(store, json.dumps(report))
+
+
+class ListImageStore(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CompartmentsRetrievalList",
+            display_name="List Image Store",
+            category=CATEGORY,
+            description="The store's items (id, sha256, owner, visibility, source file) as JSON.",
+            inputs=[StoreType.Input("store"), io.Combo.Input("visibility", options=list(FILTERS), default="all")],
+            outputs=[io.String.Output(display_name="items")],
+        )
+
+    @classmethod
+    def execute(cls, store, visibility) -> io.NodeOutput:
+        node = "List Image Store"
+        with ImageStore(store.path) as opened:
+            try:
+                items = opened.list(visibility)
+            except StoreError as exc:
+                raise _input_error(node, exc, "visibility") from exc
+            summary = opened.summary()
+        rows = [{"id": it.id, "sha256": it.sha256, "owner": it.owner, "visibility": it.visibility,
+                 "source": os.path.basename(it.path), "size": [it.width, it.height]} for it in items]
+        return io.NodeOutput(json.dumps({"summary": summary, "items": rows}, indent=1))
+
+
+NODES = [BuildImageStore, LoadImageStore, RetrieveImages, SetImageVisibility, ForgetImages, ListImageStore]
