@@ -1,0 +1,317 @@
+"""Diffusion Soup nodes: build a soup from checkpoints, add or remove a shard, save, load, inspect.
+
+Thin by design: every node resolves file names through ``_host`` and calls ``soup`` (the
+streaming engine). A soup travels between nodes as a ``COMPARTMENTS_SOUP`` value, a file in
+ComfyUI's temp folder plus its manifest; ``Save Soup`` copies it atomically into
+``models/soups``. Each node that yields a soup also yields MODEL, CLIP and VAE loaded from it
+with ComfyUI's own loader, so the soup feeds KSampler directly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+
+import comfy.sd
+import folder_paths
+from comfy_api.latest import io
+
+from .. import soup as engine
+from ..soup.st import Reader
+from . import _host
+
+CATEGORY = "Compartments/Soup"
+SOUPS = "soups"
+_host.register_model_folder(SOUPS)
+
+SoupType = io.Custom("COMPARTMENTS_SOUP")
+
+
+@dataclass(frozen=True)
+class SoupRef:
+    """A soup file on disk and its manifest (what flows on a COMPARTMENTS_SOUP wire)."""
+
+    path: str
+    manifest: engine.Manifest
+
+
+def _scratch_path() -> str:
+    folder = os.path.join(folder_paths.get_temp_directory(), "compartments_soup")
+    os.makedirs(folder, exist_ok=True)
+    return os.path.join(folder, f"soup-{uuid.uuid4().hex[:12]}.safetensors")
+
+
+def _load(path: str):
+    """MODEL, CLIP, VAE from a soup file; the running-sum tensors are skipped, not loaded."""
+    with Reader(path) as r:
+        sd = {k: r.tensor(k).clone() for k in r.keys() if not k.startswith(engine.SUM_PREFIX)}
+        metadata = dict(r.metadata)
+    out = comfy.sd.load_state_dict_guess_config(
+        sd, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"),
+        metadata=metadata)
+    if out is None:
+        raise RuntimeError(f"ComfyUI could not detect the model type of soup {os.path.basename(path)}.")
+    return out[0], out[1], out[2]
+
+
+def _outputs(path: str, manifest: engine.Manifest) -> io.NodeOutput:
+    model, clip, vae = _load(path)
+    return io.NodeOutput(SoupRef(path, manifest), model, clip, vae, manifest.describe())
+
+
+def _soup_outputs() -> list:
+    return [
+        SoupType.Output(display_name="soup"),
+        io.Model.Output(display_name="MODEL"),
+        io.Clip.Output(display_name="CLIP"),
+        io.Vae.Output(display_name="VAE"),
+        io.String.Output(display_name="manifest"),
+    ]
+
+
+def _checkpoints() -> list[str]:
+    return [n for n in folder_paths.get_filename_list("checkpoints") if n.endswith(".safetensors")]
+
+
+def _progress_for(path: str):
+    with Reader(path) as r:
+        n = sum(1 for k in r.keys() if not k.startswith(engine.SUM_PREFIX))
+    return _host.progress(n)
+
+
+def _run(node: str, input_name: str, fn, *args, **kwargs):
+    """Call the engine; turn its user-facing errors into node/input errors with a fix."""
+    try:
+        return fn(*args, **kwargs)
+    except engine.SoupError as e:
+        raise _host.InputError(node, input_name, str(e)) from e
+
+
+class SoupBuild(io.ComfyNode):
+    """Average N checkpoints fine-tuned from one base, streaming one tensor at a time."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CompartmentsSoupBuild",
+            display_name="Soup Checkpoints",
+            category=CATEGORY,
+            description="Diffusion Soup: stream-average checkpoints from the checkpoints folder (uniform or "
+                        "weighted). Memory stays near one tensor, whatever the number of members.",
+            inputs=[
+                io.String.Input("members", multiline=True,
+                                default="soup-member-a.safetensors\nsoup-member-b.safetensors\nsoup-member-c.safetensors",
+                                tooltip="One checkpoint file name per line, optionally ', weight' (default 1). "
+                                        "Weights are renormalised to sum to 1."),
+                io.Combo.Input("base", options=["first member", *_checkpoints()], default="first member",
+                               tooltip="Where the tensors that are not souped (text encoder, VAE) come from."),
+                io.Combo.Input("components", options=["unet", "all"], default="unet",
+                               tooltip="unet: soup only model.diffusion_model.*; all: every float tensor."),
+                io.Combo.Input("dtype", options=list(engine.OUT_DTYPES), default="same"),
+                io.Boolean.Input("keep_sum", default=True,
+                                 tooltip="Store the float64 running sum so that add/remove are exact (bitwise "
+                                         "equal to a rebuild); costs extra file size."),
+            ],
+            outputs=_soup_outputs(),
+        )
+
+    @classmethod
+    def execute(cls, members: str, base: str, components: str, dtype: str, keep_sum: bool) -> io.NodeOutput:
+        node = "Soup Checkpoints"
+        try:
+            parsed = engine.parse_members(members)
+        except engine.SoupError as e:
+            raise _host.InputError(node, "members", str(e), "write 'name.safetensors' or 'name.safetensors, 2'.") from e
+        if not parsed:
+            raise _host.InputError(node, "members", "no checkpoint listed.", "list one file name per line.")
+        shards = [engine.Shard(_host.resolve_file("checkpoints", n, node, "members"), w) for n, w in parsed]
+        base_path = None if base == "first member" else _host.resolve_file("checkpoints", base, node, "base")
+        out = _scratch_path()
+        progress = _progress_for(str(shards[0].path))
+        man = _run(node, "members", engine.build_soup, shards, out, base=base_path, components=components,
+                   dtype=dtype, keep_sum=keep_sum, progress=progress)
+        return _outputs(out, man)
+
+
+class SoupAddShard(io.ComfyNode):
+    """Add a fine-tune to a soup, reading only the soup and the new shard."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CompartmentsSoupAddShard",
+            display_name="Soup Add Shard",
+            category=CATEGORY,
+            description="theta' = (W theta + w theta_new) / (W + w): one model of I/O, not N.",
+            inputs=[
+                SoupType.Input("soup"),
+                io.Combo.Input("checkpoint", options=_checkpoints()),
+                io.Float.Input("weight", default=1.0, min=0.001, max=1000.0, step=0.01),
+            ],
+            outputs=_soup_outputs(),
+        )
+
+    @classmethod
+    def execute(cls, soup: SoupRef, checkpoint: str, weight: float) -> io.NodeOutput:
+        node = "Soup Add Shard"
+        shard = _host.resolve_file("checkpoints", checkpoint, node, "checkpoint")
+        out = _scratch_path()
+        man = _run(node, "checkpoint", engine.add_shard, soup.path, shard, out, weight=weight,
+                   progress=_progress_for(soup.path))
+        return _outputs(out, man)
+
+
+class SoupRemoveShard(io.ComfyNode):
+    """Unlearn a shard: the result equals the soup rebuilt from the remaining members."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CompartmentsSoupRemoveShard",
+            display_name="Soup Remove Shard",
+            category=CATEGORY,
+            description="theta' = (W theta - w_j theta_j) / (W - w_j). Bitwise equal to a rebuild without the "
+                        "shard when the manifest says exact. The shard is identified by content hash.",
+            inputs=[
+                SoupType.Input("soup"),
+                io.Combo.Input("checkpoint", options=_checkpoints(), tooltip="The member's checkpoint file."),
+            ],
+            outputs=_soup_outputs(),
+        )
+
+    @classmethod
+    def execute(cls, soup: SoupRef, checkpoint: str) -> io.NodeOutput:
+        node = "Soup Remove Shard"
+        shard = _host.resolve_file("checkpoints", checkpoint, node, "checkpoint")
+        out = _scratch_path()
+        man = _run(node, "checkpoint", engine.remove_shard, soup.path, shard, out, progress=_progress_for(soup.path))
+        return _outputs(out, man)
+
+
+class SoupSave(io.ComfyNode):
+    """Copy a soup atomically into models/soups (temp file + rename: never a partial file)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CompartmentsSoupSave",
+            display_name="Save Soup",
+            category=CATEGORY,
+            is_output_node=True,
+            inputs=[
+                SoupType.Input("soup"),
+                io.String.Input("filename", default="soup", tooltip="File name inside models/soups."),
+                io.Boolean.Input("overwrite", default=False),
+            ],
+            outputs=[io.String.Output(display_name="saved")],
+        )
+
+    @classmethod
+    def execute(cls, soup: SoupRef, filename: str, overwrite: bool) -> io.NodeOutput:
+        node = "Save Soup"
+        target = _host.save_path(SOUPS, filename.strip() or "soup", node, "filename")
+        if os.path.exists(target) and not overwrite:
+            raise _host.InputError(node, "filename", f"{os.path.basename(target)} already exists in models/soups.",
+                                   "choose another name or enable overwrite.")
+        tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{os.getpid()}.partial")
+        try:
+            shutil.copyfile(soup.path, tmp)
+            _host.check_interrupt()
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        name = os.path.relpath(target, os.path.realpath(_host.folder_dirs(SOUPS)[0]))
+        return io.NodeOutput(name, ui={"text": [f"saved models/soups/{name}"]})
+
+
+class SoupLoad(io.ComfyNode):
+    """Load a saved soup as MODEL/CLIP/VAE (and as a soup, to add or remove shards)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CompartmentsSoupLoad",
+            display_name="Load Soup",
+            category=CATEGORY,
+            inputs=[io.Combo.Input("soup_name", options=folder_paths.get_filename_list(SOUPS))],
+            outputs=_soup_outputs(),
+        )
+
+    @classmethod
+    def execute(cls, soup_name: str) -> io.NodeOutput:
+        node = "Load Soup"
+        path = _host.resolve_file(SOUPS, soup_name, node, "soup_name")
+        man = _run(node, "soup_name", engine.read_manifest, path)
+        return _outputs(path, man)
+
+
+class SoupInspect(io.ComfyNode):
+    """The soup's manifest as text: members (content hashes), weights, base, exactness, history."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CompartmentsSoupInspect",
+            display_name="Inspect Soup",
+            category=CATEGORY,
+            inputs=[
+                SoupType.Input("soup"),
+                io.Boolean.Input("as_json", default=False),
+            ],
+            outputs=[io.String.Output(display_name="manifest")],
+        )
+
+    @classmethod
+    def execute(cls, soup: SoupRef, as_json: bool) -> io.NodeOutput:
+        man = engine.read_manifest(soup.path)
+        return io.NodeOutput(man.to_json() if as_json else man.describe())
+
+
+class SoupModels(io.ComfyNode):
+    """Soup MODEL inputs lazily with ModelPatcher patches: quick in-graph experiments, no file."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CompartmentsSoupModels",
+            display_name="Soup Models (in graph)",
+            category=CATEGORY,
+            description="Weighted average of up to 4 MODELs as patches on the first (like a chain of "
+                        "ModelMergeSimple). Nothing is computed until sampling; no manifest, no file.",
+            inputs=[
+                io.Model.Input("model_1"),
+                io.Model.Input("model_2"),
+                io.Model.Input("model_3", optional=True),
+                io.Model.Input("model_4", optional=True),
+                io.Float.Input("weight_1", default=1.0, min=0.0, max=1000.0, step=0.01),
+                io.Float.Input("weight_2", default=1.0, min=0.0, max=1000.0, step=0.01),
+                io.Float.Input("weight_3", default=1.0, min=0.0, max=1000.0, step=0.01),
+                io.Float.Input("weight_4", default=1.0, min=0.0, max=1000.0, step=0.01),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model_1, model_2, model_3=None, model_4=None, weight_1: float = 1.0, weight_2: float = 1.0,
+                weight_3: float = 1.0, weight_4: float = 1.0) -> io.NodeOutput:
+        pairs = [(m, w) for m, w in ((model_1, weight_1), (model_2, weight_2), (model_3, weight_3),
+                                     (model_4, weight_4)) if m is not None]
+        if sum(w for _, w in pairs) <= 0:
+            raise _host.InputError("Soup Models (in graph)", "weight_1", "all weights are 0.", "give one a weight > 0.")
+        m = pairs[0][0].clone()
+        total = pairs[0][1]
+        for other, w in pairs[1:]:
+            if w == 0:
+                continue
+            keep = total / (total + w)  # running mean: (total*theta + w*theta_i) / (total + w)
+            kp = other.get_key_patches("diffusion_model.")
+            for k in kp:
+                m.add_patches({k: kp[k]}, 1.0 - keep, keep)
+            total += w
+        return io.NodeOutput(m)
+
+
+NODES = [SoupBuild, SoupAddShard, SoupRemoveShard, SoupSave, SoupLoad, SoupInspect, SoupModels]

@@ -1,0 +1,244 @@
+"""Streaming safetensors reader and writer.
+
+Why not ``safetensors.safe_open``: it memory-maps the whole file, and every page it touches
+counts in the process's resident set until the map is dropped, so streaming N members
+through it still shows N models of RSS. This reader parses the header once and reads one
+tensor at a time with ``readinto`` into a buffer it reuses; the writer computes every offset
+from the planned shapes, writes the header first and then the tensors one by one into a
+temporary file that is renamed over the target only when complete. Peak memory is therefore
+one tensor per open file, whatever the model size. The byte format is the standard one, so
+files interoperate with ``safetensors.torch``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+FLOATS = {"F64", "F32", "F16", "BF16"}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+class FormatError(ValueError):
+    """The file is not a readable safetensors file."""
+
+
+def itemsize(dtype: str) -> int:
+    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One tensor's place in a file: dtype code (``F16``...), shape, absolute byte range."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+class Reader:
+    """Random access to one safetensors file, one tensor at a time, without mmap."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._f = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+        try:
+            raw = self._f.read(8)
+            if len(raw) != 8:
+                raise FormatError(f"{self.path}: too short to be a safetensors file")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER:
+                raise FormatError(f"{self.path}: header of {n} bytes is not plausible")
+            header = json.loads(self._f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            self._f.close()
+            raise FormatError(f"{self.path}: unreadable safetensors header ({e})") from e
+        except Exception:
+            self._f.close()
+            raise
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        base = 8 + n
+        self.entries: dict[str, Entry] = {}
+        for key, info in header.items():
+            if info["dtype"] not in DTYPES:
+                self._f.close()
+                raise FormatError(f"{self.path}: tensor '{key}' has unsupported dtype {info['dtype']}")
+            a, b = info["data_offsets"]
+            self.entries[key] = Entry(info["dtype"], tuple(info["shape"]), base + a, base + b)
+        self._buf = bytearray()
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def raw(self, key: str) -> memoryview:
+        """The tensor's bytes, in a buffer reused by the next call (copy if you keep it)."""
+        e = self.entries[key]
+        if len(self._buf) < e.nbytes:
+            self._buf = bytearray(e.nbytes)
+        view = memoryview(self._buf)[: e.nbytes]
+        self._f.seek(e.start)
+        got = self._f.readinto(view)
+        if got != e.nbytes:
+            raise FormatError(f"{self.path}: tensor '{key}' is truncated ({got} of {e.nbytes} bytes)")
+        return view
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The tensor as a view on the reused buffer: valid until the next read from this file."""
+        e = self.entries[key]
+        if e.nbytes == 0:
+            return torch.empty(e.shape, dtype=DTYPES[e.dtype])
+        return torch.frombuffer(self.raw(key), dtype=DTYPES[e.dtype]).reshape(e.shape)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A tensor the writer will receive later: its key, dtype code and shape."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = itemsize(self.dtype)
+        for s in self.shape:
+            n *= s
+        return n
+
+
+class Writer:
+    """Writes a planned list of tensors in order; the header goes first with computed offsets.
+
+    A planned ``F64`` tensor marked ``shrink`` may arrive as ``F32`` (a running sum that turned
+    out to be exactly representable in half the bytes). Offsets then only get smaller, so
+    :meth:`finish` rewrites the header in place, padded with spaces to the reserved length.
+    """
+
+    def __init__(self, f, plan: list[Planned], metadata: dict[str, str] | None = None,
+                 shrink: frozenset[str] = frozenset(), reserve: int = 0):
+        self._f = f
+        self._plan = plan
+        self._shrink = shrink
+        self._meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        self._actual: list[tuple[str, str, tuple[int, ...], int]] = []
+        self._i = 0
+        self._meta_changed = False
+        blob = self._header([(p.key, p.dtype, p.shape, p.nbytes) for p in plan])
+        blob += b" " * reserve  # room for metadata only known at the end (content hashes)
+        blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the reference writer does
+        self._reserved = len(blob)
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+
+    def _header(self, items: list[tuple[str, str, tuple[int, ...], int]]) -> bytes:
+        header: dict[str, object] = {}
+        if self._meta:
+            header["__metadata__"] = self._meta
+        off = 0
+        for key, dtype, shape, nbytes in items:
+            header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + nbytes]}
+            off += nbytes
+        return json.dumps(header, separators=(",", ":")).encode()
+
+    def set_metadata(self, metadata: dict[str, str]) -> None:
+        """Replace the metadata; written by :meth:`finish` into the reserved header space."""
+        self._meta = {str(k): str(v) for k, v in metadata.items()}
+        self._meta_changed = True
+
+    @property
+    def next_key(self) -> str | None:
+        return self._plan[self._i].key if self._i < len(self._plan) else None
+
+    def write(self, key: str, data: torch.Tensor | memoryview | bytes) -> None:
+        """Write the next planned tensor (a tensor of the planned dtype/shape, or its raw bytes)."""
+        if self._i >= len(self._plan):
+            raise RuntimeError(f"writer: '{key}' was not planned")
+        p = self._plan[self._i]
+        if key != p.key:
+            raise RuntimeError(f"writer: expected '{p.key}' next, got '{key}'")
+        dtype = p.dtype
+        if isinstance(data, torch.Tensor):
+            dtype = NAMES.get(data.dtype, "?")
+            ok = dtype == p.dtype or (key in self._shrink and p.dtype == "F64" and dtype == "F32")
+            if not ok or tuple(data.shape) != p.shape:
+                raise RuntimeError(f"writer: '{key}' planned {p.dtype}{list(p.shape)}, got {data.dtype}{list(data.shape)}")
+            t = data.detach().contiguous().cpu()
+            buf = memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        else:
+            buf = memoryview(data).cast("B")
+        expect = p.nbytes * itemsize(dtype) // itemsize(p.dtype)
+        if buf.nbytes != expect:
+            raise RuntimeError(f"writer: '{key}' has {buf.nbytes} bytes, planned {expect}")
+        self._f.write(buf)
+        self._actual.append((p.key, dtype, p.shape, buf.nbytes))
+        self._i += 1
+
+    def finish(self) -> None:
+        if self._i != len(self._plan):
+            raise RuntimeError(f"writer: {len(self._plan) - self._i} planned tensors were never written")
+        if self._meta_changed or any(a[1] != p.dtype for a, p in zip(self._actual, self._plan, strict=True)):
+            blob = self._header(self._actual)
+            if len(blob) > self._reserved:
+                raise RuntimeError("writer: final header outgrew its reserved space")
+            blob += b" " * (self._reserved - len(blob))
+            self._f.seek(8)
+            self._f.write(blob)
+            self._f.seek(0, os.SEEK_END)
+            self._f.truncate()
+
+
+@contextmanager
+def atomic_writer(path: str | os.PathLike, plan: list[Planned], metadata: dict[str, str] | None = None,
+                  shrink: frozenset[str] = frozenset(), reserve: int = 0) -> Iterator[Writer]:
+    """A :class:`Writer` on ``<dir>/.<name>.<pid>.partial``, renamed over ``path`` on success.
+
+    Any exception (a Cancel from the UI included) removes the partial file, so an interrupted
+    soup never leaves a half-written model, and an existing target stays as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            w = Writer(f, plan, metadata, shrink, reserve)
+            yield w
+            w.finish()
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def copy_file_stream(src: Reader, keys: Iterable[str], write: Callable[[str, memoryview], None]) -> None:
+    """Pass tensors through byte-for-byte (components taken from the base, untouched)."""
+    for k in keys:
+        write(k, src.raw(k))

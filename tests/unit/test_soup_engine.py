@@ -1,0 +1,250 @@
+"""Tier 1: the streaming soup engine on tiny state dicts in the SD1.5 key layout."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from compartments.soup import (
+    SUM_PREFIX,
+    Shard,
+    SoupError,
+    add_shard,
+    build_soup,
+    content_id,
+    parse_members,
+    read_manifest,
+    remove_shard,
+)
+
+U = "model.diffusion_model."
+
+
+def base_sd(dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        f"{U}input_blocks.0.0.weight": (torch.randn(8, 4, 3, 3, generator=g) * 0.2).to(dtype),
+        f"{U}input_blocks.0.0.bias": torch.zeros(8).to(dtype),
+        f"{U}out.2.weight": (torch.randn(4, 8, 3, 3, generator=g) * 3).to(dtype),
+        f"{U}time_embed.0.weight": (torch.randn(16, 8, generator=g) * 1e-3).to(dtype),
+        "first_stage_model.decoder.conv_in.weight": torch.randn(8, 4, 3, 3, generator=g).to(dtype),
+        "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(7).unsqueeze(0),
+    }
+
+
+def make_member(tmp: Path, name: str, seed: int, dtype: torch.dtype = torch.float16) -> Path:
+    """A 'fine-tune' of the base: UNet perturbed, VAE perturbed too (to see 'all' vs 'unet')."""
+    g = torch.Generator().manual_seed(100 + seed)
+    sd = {}
+    for k, v in base_sd(dtype).items():
+        if v.is_floating_point():
+            v = (v.double() + 0.05 * torch.randn(v.shape, generator=g, dtype=torch.float64)).to(dtype)
+        sd[k] = v
+    path = tmp / name
+    save_file(sd, str(path), metadata={"note": name})
+    return path
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def members(tmp_path: Path) -> list[Path]:
+    return [make_member(tmp_path, f"m{i}.safetensors", i) for i in range(4)]
+
+
+def model_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in sd.items() if not k.startswith(SUM_PREFIX)}
+
+
+def test_uniform_soup_is_the_mean_and_keeps_base_components(members, tmp_path):
+    out = tmp_path / "soup.safetensors"
+    man = build_soup(members[:3], out)
+    sd = load_file(str(out))  # the reference reader accepts the streamed file
+    srcs = [load_file(str(p)) for p in members[:3]]
+    for k, v in model_keys(sd).items():
+        if k.startswith(U):
+            ref = (sum(s[k].double() for s in srcs) / 3).to(torch.float16)
+            assert torch.equal(v, ref), k
+        else:
+            assert torch.equal(v, srcs[0][k]), f"{k} must come from the base, untouched"
+    assert man.n == 3 and man.exact and man.sum_stored and man.components == "unet"
+    assert [m.id for m in man.members] == [content_id(p) for p in members[:3]]
+    assert read_manifest(out).to_json() == man.to_json()
+    assert load_file(str(out)).keys() == sd.keys()
+
+
+def test_remove_equals_rebuild_bitwise(members, tmp_path):
+    full, rest = tmp_path / "full.safetensors", tmp_path / "rest.safetensors"
+    build_soup(members[:3], full)
+    build_soup(members[:2], rest)
+    man = remove_shard(full, members[2])
+    assert man.exact and [m.name for m in man.members] == ["m0.safetensors", "m1.safetensors"]
+    a, b = load_file(str(full)), load_file(str(rest))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_add_equals_rebuild_bitwise(members, tmp_path):
+    soup, ref = tmp_path / "s.safetensors", tmp_path / "ref.safetensors"
+    build_soup(members[:2], soup)
+    add_shard(soup, members[2])
+    build_soup(members[:3], ref)
+    a, b = load_file(str(soup)), load_file(str(ref))
+    for k in b:
+        assert torch.equal(a[k], b[k]), k
+    assert read_manifest(soup).exact
+
+
+def test_weighted_remove_renormalises_exactly(members, tmp_path):
+    weights = [1.0, 2.0, 0.5, 1.5]
+    full, rest = tmp_path / "full.safetensors", tmp_path / "rest.safetensors"
+    build_soup([Shard(p, w) for p, w in zip(members, weights, strict=True)], full)
+    remove_shard(full, members[1])
+    man = build_soup([Shard(p, w) for p, w in zip(members, weights, strict=True) if p != members[1]], rest)
+    assert man.exact and not man.uniform
+    a, b = load_file(str(full)), load_file(str(rest))
+    for k in b:
+        assert torch.equal(a[k], b[k]), k
+    srcs = [load_file(str(p)) for p in members]
+    k = f"{U}out.2.weight"
+    ref = (srcs[0][k].double() + 0.5 * srcs[2][k].double() + 1.5 * srcs[3][k].double()) / 3.0
+    assert torch.equal(a[k], ref.to(torch.float16))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_other_dtypes_remove_matches_rebuild(tmp_path, dtype):
+    ms = [make_member(tmp_path, f"d{i}.safetensors", i, dtype) for i in range(3)]
+    full, rest = tmp_path / "full.safetensors", tmp_path / "rest.safetensors"
+    build_soup(ms, full)
+    man = remove_shard(full, ms[0])
+    ref = build_soup(ms[1:], rest, base=ms[0])  # un-souped tensors keep coming from the original base
+    a, b = load_file(str(full)), load_file(str(rest))
+    if man.exact and ref.exact:
+        for k in b:
+            assert torch.equal(a[k], b[k]), k
+    for k in b:
+        if b[k].is_floating_point():
+            tol = 4 * torch.finfo(torch.float32).eps * float(b[k].abs().max().float()) + 1e-30
+            assert float((a[k].double() - b[k].double()).abs().max()) <= max(tol, 0.0), k
+
+
+def test_inexact_weights_are_reported_and_close(members, tmp_path):
+    full, rest = tmp_path / "full.safetensors", tmp_path / "rest.safetensors"
+    ws = [0.3, 0.7, 0.1]
+    man = build_soup([Shard(p, w) for p, w in zip(members[:3], ws, strict=True)], full, dtype="float32")
+    assert not man.exact  # 0.3 has a 52-bit mantissa: w*theta rounds in float64
+    remove_shard(full, members[2])
+    build_soup([Shard(p, w) for p, w in zip(members[:2], ws[:2], strict=True)], rest, dtype="float32")
+    a, b = load_file(str(full)), load_file(str(rest))
+    for k in model_keys(b):
+        if k.startswith(U):
+            eps = torch.finfo(torch.float32).eps
+            assert float((a[k] - b[k]).abs().max()) <= 2 * eps * float(b[k].abs().max()), k
+
+
+def test_without_sum_float32_soup_matches_to_float32_rounding(members, tmp_path):
+    full, rest = tmp_path / "full.safetensors", tmp_path / "rest.safetensors"
+    man = build_soup(members[:3], full, keep_sum=False, dtype="float32")
+    assert not man.sum_stored and not man.exact
+    assert not any(k.startswith(SUM_PREFIX) for k in load_file(str(full)))
+    remove_shard(full, members[1])
+    build_soup([members[0], members[2]], rest, keep_sum=False, dtype="float32")
+    a, b = load_file(str(full)), load_file(str(rest))
+    for k in b:
+        if k.startswith(U):
+            eps = torch.finfo(torch.float32).eps
+            assert float((a[k] - b[k]).abs().max()) <= 4 * eps * float(b[k].abs().max()), k
+
+
+def test_components_all_soups_vae_but_not_int_buffers(members, tmp_path):
+    out = tmp_path / "all.safetensors"
+    man = build_soup(members[:2], out, components="all")
+    sd = load_file(str(out))
+    srcs = [load_file(str(p)) for p in members[:2]]
+    k = "first_stage_model.decoder.conv_in.weight"
+    assert torch.equal(sd[k], ((srcs[0][k].double() + srcs[1][k].double()) / 2).to(torch.float16))
+    pid = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    assert torch.equal(sd[pid], srcs[0][pid])
+    assert man.souped_keys == 5
+
+
+def test_remove_non_member_and_last_member_leave_files_untouched(members, tmp_path):
+    soup = tmp_path / "s.safetensors"
+    build_soup(members[:2], soup)
+    before = {p: digest(p) for p in [soup, *members]}
+    with pytest.raises(SoupError, match="not a member"):
+        remove_shard(soup, members[3])
+    renamed = tmp_path / "m0-copy.safetensors"
+    renamed.write_bytes(members[2].read_bytes())
+    with pytest.raises(SoupError, match="not a member"):
+        remove_shard(soup, renamed)
+    single = tmp_path / "one.safetensors"
+    build_soup(members[:1], single)
+    one_before = digest(single)
+    with pytest.raises(SoupError, match="last member"):
+        remove_shard(single, members[0])
+    assert digest(single) == one_before
+    assert {p: digest(p) for p in before} == before
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_remove_renamed_member_by_content(members, tmp_path):
+    soup = tmp_path / "s.safetensors"
+    build_soup(members[:3], soup)
+    renamed = tmp_path / "renamed.safetensors"
+    renamed.write_bytes(members[1].read_bytes())
+    man = remove_shard(soup, renamed)
+    assert [m.name for m in man.members] == ["m0.safetensors", "m2.safetensors"]
+
+
+def test_mismatch_names_first_differing_key_and_shapes(members, tmp_path):
+    sd = load_file(str(members[1]))
+    sd[f"{U}out.2.weight"] = torch.zeros(4, 8, 1, 1, dtype=torch.float16)
+    bad = tmp_path / "bad.safetensors"
+    save_file(sd, str(bad))
+    with pytest.raises(SoupError, match=r"out\.2\.weight.*\[4, 8, 3, 3\].*\[4, 8, 1, 1\]"):
+        build_soup([members[0], bad], tmp_path / "x.safetensors")
+    del sd[f"{U}out.2.weight"]
+    save_file(sd, str(bad))
+    with pytest.raises(SoupError, match=r"out\.2\.weight.*missing"):
+        build_soup([members[0], bad], tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_interrupted_build_leaves_no_partial_file_and_keeps_target(members, tmp_path):
+    out = tmp_path / "soup.safetensors"
+    build_soup(members[:2], out)
+    before = digest(out)
+
+    class Cancelled(Exception):
+        pass
+
+    def progress(done: int, total: int) -> None:
+        if done == 3:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        build_soup(members[:3], out, progress=progress)
+    assert digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_progress_counts_every_key(members, tmp_path):
+    seen: list[tuple[int, int]] = []
+    build_soup(members[:2], tmp_path / "s.safetensors", progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (6, 6) and [d for d, _ in seen] == list(range(1, 7))
+
+
+def test_parse_members():
+    assert parse_members("a.safetensors\n# note\n b.safetensors , 2.5 \n\n") == [("a.safetensors", 1.0), ("b.safetensors", 2.5)]
+    with pytest.raises(SoupError):
+        parse_members("a.safetensors, x")
+    with pytest.raises(SoupError):
+        parse_members("a.safetensors, 0")
