@@ -93,7 +93,7 @@ class Embedder:
         model = cls(**cfg)
         try:
             open_clip.load_checkpoint(model, str(self.weights), strict=True)
-        except RuntimeError as exc:
+        except (RuntimeError, AssertionError, KeyError, ValueError) as exc:  # open_clip's shape checks vary
             raise EmbedderError(f"'{self.weights.name}' does not match open_clip config '{self.name}' "
                                 f"(or is not in open_clip's key layout): {str(exc)[:300]}") from exc
         self.model = model.eval().requires_grad_(False)

@@ -1,0 +1,276 @@
+"""Tier 1: the image store on a tiny open_clip model (no ComfyUI)."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from compartments.retrieval import (
+    Embedder,
+    EmbedderError,
+    ImageStore,
+    StoreError,
+    build_or_update,
+    parse_refs,
+)
+from compartments.retrieval.index import FaissIndex
+from compartments.tiny import retrieval as tiny_retrieval
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    return Embedder(tiny_retrieval.clip_weights())
+
+
+@pytest.fixture(scope="module")
+def folder():
+    return tiny_retrieval.images_folder()
+
+
+@pytest.fixture
+def store(tmp_path, embedder, folder):
+    s = ImageStore.create(tmp_path / "store", embedder)
+    s.add_folder(folder, owner="alice")
+    yield s
+    s.close()
+
+
+def _img(i: int) -> torch.Tensor:
+    return torch.from_numpy(tiny_retrieval.image_array(i)).float() / 255
+
+
+def _state(s: ImageStore) -> tuple:
+    files = sorted(p.name for p in s.path.rglob("*") if p.is_file() and not p.name.endswith("-journal"))
+    rows = [(it.id, it.sha256, it.visibility) for it in s.list()]
+    return files, rows, s.generation, s.revision
+
+
+def test_embedder_reads_config_from_metadata_and_gives_unit_vectors(embedder):
+    assert embedder.dim == 64 and embedder.image_size == (32, 32)
+    v = embedder.embed_images([_img(0), torch.rand(40, 70, 3)])
+    t = embedder.embed_texts(["a red square", "blue"])
+    assert v.shape == (2, 64) and t.shape == (2, 64)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(t, axis=1), 1, atol=1e-5)
+    # same pixels -> same vector, batch or not
+    np.testing.assert_allclose(embedder.embed_images(_img(0)[None])[0], v[0], atol=1e-5)
+
+
+def test_embedder_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file({"x": torch.zeros(1)}, str(bare))
+    with pytest.raises(EmbedderError, match="carries no open_clip config"):
+        Embedder(bare)
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_retrieval.clip_weights()), framework="pt") as fh:
+        sd = {k: fh.get_tensor(k) for k in fh.keys()}
+    wrong = json.loads(json.dumps(tiny_retrieval.MODEL_CONFIG))
+    wrong["text_cfg"]["width"] = 48
+    save_file(sd, str(tmp_path / "mismatch.safetensors"), metadata={"open_clip_config": json.dumps({"model_cfg": wrong})})
+    with pytest.raises(EmbedderError, match="does not match open_clip config"):
+        Embedder(tmp_path / "mismatch.safetensors")
+    with pytest.raises(EmbedderError, match="not an open_clip model config"):
+        Embedder(tiny_retrieval.clip_weights(), "no-such-arch")
+    with pytest.raises(EmbedderError, match="only safetensors"):
+        Embedder(tmp_path / "w.pt")
+
+
+def test_add_folder_skips_and_reports_bad_files(store, folder):
+    assert len(store) == tiny_retrieval.IMAGE_COUNT
+    s = store.summary()
+    assert s["private"] == tiny_retrieval.IMAGE_COUNT and s["public"] == 0 and s["generation"] == 1
+    again = store.add_folder(folder)
+    reasons = {p.split("/")[-1]: r for p, r in again.skipped}
+    assert again.added == []
+    assert "not a readable image" in reasons["broken.png"] and "not a readable image" in reasons["notes.txt"]
+    assert reasons["img_00.png"].startswith("duplicate")
+    item = store.list()[0]
+    assert item.owner == "alice" and item.path.endswith("img_00.png") and len(item.sha256) == 64
+    assert (store.path / item.file).read_bytes() == (folder / "img_00.png").read_bytes()
+
+
+def test_query_by_image_and_text_ranks_by_cosine(store):
+    hits = store.query(image=_img(3), k=3, visibility="private")
+    assert hits[0].path.endswith("img_03.png") and hits[0].score == pytest.approx(1.0, abs=1e-4)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    text_hits = store.query(text="a blue and green gradient", k=len(store), visibility="all")
+    q = store.query_vector(text="a blue and green gradient")[0]
+    emb = store.image_embeddings([h.id for h in text_hits]).numpy()
+    np.testing.assert_allclose([h.score for h in text_hits], emb @ q, atol=1e-5)
+    assert np.all(np.diff(emb @ q) <= 1e-6)
+    imgs = store.load_images(hits)
+    assert imgs.shape == (3, 64, 64, 3) and imgs.dtype == torch.float32
+    torch.testing.assert_close(imgs[0], _img(3), atol=1e-6, rtol=0)
+
+
+def test_forgotten_image_can_never_be_returned_again(store, embedder, folder):
+    target = store.query(image=_img(1), k=1, visibility="all")[0]
+    by_hash = store.query(image=_img(4), k=1, visibility="all")[0]
+    store.forget([target.id])
+    store.forget([by_hash.sha256[:16]])
+    gone = {target.id, by_hash.id}
+
+    def never_returned(s: ImageStore) -> None:
+        n = len(s)
+        assert n == tiny_retrieval.IMAGE_COUNT - 2 and len(s.index) == n
+        queries = [{"image": _img(i)} for i in range(tiny_retrieval.IMAGE_COUNT)]
+        queries += [{"text": t} for t in ("x", "a picture", "gradient")]
+        for q in queries:
+            for vis in ("all", "private"):
+                assert not gone & {h.id for h in s.query(k=n, visibility=vis, **q)}
+        assert not gone & {it.id for it in s.list()}
+        assert not gone & set(s.index.ids().tolist())
+        assert not (s.path / target.file).exists() and not (s.path / by_hash.file).exists()
+        with pytest.raises(StoreError, match="not in the store"):
+            s.image_embeddings([target.id])
+        with pytest.raises(StoreError, match="no longer in the store"):
+            s.load_images([target])
+
+    never_returned(store)
+    store.close()
+    reopened = ImageStore(store.path, embedder)
+    never_returned(reopened)
+    # a rebuild from the same folder does not bring it back; ids are never reused
+    report = reopened.add_folder(folder)
+    assert report.added == [] and sum("forgotten earlier" in r for _, r in report.skipped) == 2
+    readded = reopened.add_files([target.path], allow_forgotten=True)
+    assert readded.added and readded.added[0] > max(it.id for it in reopened.list() if it.id != readded.added[0])
+    assert target.id not in {h.id for h in reopened.query(image=_img(1), k=1, visibility="all")}
+    reopened.close()
+    with pytest.raises(StoreError, match="no item with id"):
+        ImageStore(store.path, embedder).forget([target.id])
+
+
+def test_cancel_mid_add_leaves_the_store_as_it_was(tmp_path, embedder, folder):
+    s = ImageStore.create(tmp_path / "s", embedder)
+    s.add_files([folder / "img_00.png", folder / "img_01.png"])
+    before = _state(s)
+    ids_before = s.query(image=_img(0), k=2, visibility="all")
+
+    def cancel(done: int, total: int) -> None:
+        raise KeyboardInterrupt("cancelled")
+
+    with pytest.raises(KeyboardInterrupt):
+        s.add_folder(folder, progress=cancel)
+    assert _state(s) == before
+    s.close()
+    s = ImageStore(tmp_path / "s", embedder)
+    assert _state(s) == before and s.query(image=_img(0), k=2, visibility="all") == ids_before
+    s.close()
+
+
+def test_failure_writing_the_index_rolls_back_everything(tmp_path, embedder, folder, monkeypatch):
+    s = ImageStore.create(tmp_path / "s", embedder)
+    s.add_files([folder / "img_00.png"])
+    before = _state(s)
+
+    def disk_full(self, path):
+        path.write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FaissIndex, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        s.add_folder(folder)
+    with pytest.raises(OSError, match="No space"):
+        s.forget([1])
+    monkeypatch.undo()
+    assert _state(s) == before and len(s.index) == 1
+    s.close()
+    s = ImageStore(tmp_path / "s", embedder)
+    assert _state(s) == before and len(s) == 1 and s.list()[0].path.endswith("img_00.png")
+    s.close()
+
+
+def test_lost_or_stale_index_is_rebuilt_from_the_database(store, embedder):
+    expected = [h.id for h in store.query(image=_img(2), k=4, visibility="all")]
+    store.forget([expected[-1]])
+    expected = [h.id for h in store.query(image=_img(2), k=4, visibility="all")]
+    path = store.path
+    store.close()
+    (index_file,) = path.glob("index-*.faiss")
+    stale = FaissIndex(64)
+    stale.add(np.arange(1, 8), np.eye(64, dtype=np.float32)[:7])  # holds a forgotten id: must not load
+    stale.save(index_file)
+    s = ImageStore(path, embedder)
+    assert [h.id for h in s.query(image=_img(2), k=4, visibility="all")] == expected
+    s.close()
+    index_file.unlink()
+    s = ImageStore(path, embedder)
+    assert [h.id for h in s.query(image=_img(2), k=4, visibility="all")] == expected
+    s.close()
+
+
+def test_query_errors(tmp_path, embedder, store):
+    empty = ImageStore.create(tmp_path / "empty", embedder)
+    with pytest.raises(StoreError, match="empty") as err:
+        empty.query(text="x", k=1)
+    assert err.value.field == "store"
+    with pytest.raises(StoreError, match="only 6 private images") as err:
+        store.query(text="x", k=7)
+    assert err.value.field == "k"
+    with pytest.raises(StoreError, match="none is public"):
+        store.query(text="x", k=1, visibility="public")
+    with pytest.raises(StoreError, match="exactly one query"):
+        store.query(text="x", image=_img(0), k=1)
+    with pytest.raises(StoreError, match="exactly one query"):
+        store.query(k=1)
+    with pytest.raises(StoreError, match="visibility filter"):
+        store.query(text="x", k=1, visibility="friends")
+    with pytest.raises(StoreError, match="at least one"):
+        store.query(text="x", k=0)
+    with pytest.raises(StoreError, match="not an image store"):
+        ImageStore(tmp_path)
+    with pytest.raises(StoreError, match="already exists"):
+        ImageStore.create(store.path, embedder)
+
+
+def test_visibility_filters_queries(store):
+    ids = [it.id for it in store.list()[:2]]
+    store.set_visibility(ids, "public")
+    assert {h.id for h in store.query(text="x", k=2, visibility="public")} == set(ids)
+    assert not set(ids) & {h.id for h in store.query(text="x", k=4, visibility="private")}
+    with pytest.raises(StoreError, match="only 2 public"):
+        store.query(text="x", k=3, visibility="public")
+    with pytest.raises(StoreError, match="not one of"):
+        store.set_visibility(ids, "secret")
+
+
+def test_other_model_is_refused(tmp_path, store):
+    other = Embedder(tiny_retrieval.clip_weights(seed=1))
+    with pytest.raises(StoreError, match="different model"):
+        ImageStore(store.path, other)
+
+
+def test_first_build_is_all_or_nothing(tmp_path, embedder, folder):
+    def cancel(done: int, total: int) -> None:
+        raise RuntimeError("cancelled")
+
+    with pytest.raises(RuntimeError):
+        build_or_update(tmp_path / "new", embedder, folder, progress=cancel)
+    assert list(tmp_path.iterdir()) == []
+    calls = []
+    s, report, created = build_or_update(tmp_path / "new", embedder, folder, progress=lambda d, t: calls.append((d, t)))
+    assert created and len(report.added) == tiny_retrieval.IMAGE_COUNT and calls[-1] == (6, 6)
+    s.close()
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "new", copy)
+    s2, report2, created2 = build_or_update(copy, embedder, folder)
+    assert not created2 and report2.added == [] and len(s2) == tiny_retrieval.IMAGE_COUNT
+    s2.close()
+
+
+def test_parse_refs():
+    assert parse_refs("1, 2 3") == [1, 2, 3]
+    assert parse_refs('{"items": [{"id": 4, "sha256": "ab"}, {"sha256": "cd"}]}') == [4, "cd"]
+    assert parse_refs("[5, \"abcdef12\"]") == [5, "abcdef12"]
+    assert parse_refs("  ") == []
+    with pytest.raises(StoreError, match="do not parse"):
+        parse_refs("{oops")
