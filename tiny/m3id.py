@@ -11,12 +11,14 @@ seeded random; captions are meaningless but deterministic.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from . import cached, link_into
+from . import cached
 
 COCO_OBJECTS = [
     "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "bench",
@@ -293,7 +295,14 @@ def coco_set(root: Path, n: int = 4, seed: int = 0) -> tuple[Path, Path, Path]:
 
 def prepare(models_dir: Path, input_dir: Path) -> dict:
     """Place the tiny LLaVA (fastest tiny build) under models/vlm and three input images."""
-    folder = link_into(vlm("llava"), Path(models_dir) / "vlm" / "m3id-tiny-llava")
+    # copied, not linked: _host.resolve_dir refuses folders whose real path leaves models/vlm
+    folder = Path(models_dir) / "vlm" / "m3id-tiny-llava"
+    if not folder.exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(vlm("llava"), tmp)
+        os.replace(tmp, folder)
     input_dir = Path(input_dir)
     input_dir.mkdir(parents=True, exist_ok=True)
     placed = []

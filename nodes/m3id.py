@@ -1,0 +1,229 @@
+"""M3ID captioning nodes: load a local VLM, caption every image of a batch with M3ID or plainly.
+
+VLM folders live in ``models/vlm`` (a dropdown; transformers ``save_pretrained`` folders,
+safetensors only, loaded with ``local_files_only``). The model is wrapped in a
+``ModelPatcher`` so ComfyUI's memory manager moves it to its device and offloads it when
+another model needs the memory. The decoding itself is in ``samplers/m3id.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+
+import comfy.model_management
+import comfy.model_patcher
+import numpy as np
+import torch
+from comfy_api.latest import io
+
+from ..samplers.m3id import CaptionResult, M3IDSettings, caption_images
+from ..samplers.m3id_models import VLM, VLMFolderError, detect_family, load_vlm
+from ..samplers.m3id_plot import pdm_json, pdm_plot
+from . import _host
+
+VLM_FOLDER = "vlm"
+CATEGORY = "Compartments/M3ID"
+_host.register_model_folder(VLM_FOLDER, is_dir=True)
+
+VLMType = io.Custom("COMPARTMENTS_VLM")
+DTYPES = ["auto", "float32", "float16", "bfloat16"]
+
+
+@dataclass
+class VLMHandle:
+    """What flows from the loader to the caption nodes: the model and its ModelPatcher."""
+
+    vlm: VLM
+    patcher: comfy.model_patcher.ModelPatcher
+
+    def ready(self) -> VLM:
+        """Have ComfyUI load the model onto its device (fully: HF modules have no lowvram casts)."""
+        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        return self.vlm
+
+
+_CACHE: dict[tuple, VLMHandle] = {}
+
+
+class _Holder(torch.nn.Module):
+    """Plain module around the transformers model for ModelPatcher.
+
+    ModelPatcher records its state on the module it manages (``device``, memory counters);
+    transformers models expose ``device`` as a read-only property, so they sit one level down.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.vlm = model
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if comfy.model_management.should_use_bf16(device):
+        return torch.bfloat16
+    if comfy.model_management.should_use_fp16(device):
+        return torch.float16
+    return torch.float32
+
+
+def _to_pil(images: torch.Tensor) -> list:
+    from PIL import Image
+
+    arr = (images[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return [Image.fromarray(a, "RGB") for a in arr]
+
+
+class LoadVLM(io.ComfyNode):
+    """Load a vision-language model folder for captioning (LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, PaliGemma)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CompartmentsM3IDLoadVLM",
+            display_name="Load Captioning Model (VLM)",
+            category=CATEGORY,
+            description="Loads a transformers vision-language model folder from models/vlm (local files only, "
+                        "safetensors) through ComfyUI's memory manager.",
+            inputs=[
+                io.Combo.Input("model_folder", options=_host.list_dirs(VLM_FOLDER),
+                               tooltip="A save_pretrained folder under models/vlm."),
+                io.Combo.Input("dtype", options=DTYPES, default="auto",
+                               tooltip="auto: bf16/fp16 where ComfyUI's device supports it, else fp32."),
+            ],
+            outputs=[VLMType.Output(display_name="vlm")],
+        )
+
+    @classmethod
+    def execute(cls, model_folder: str, dtype: str = "auto") -> io.NodeOutput:
+        node = "CompartmentsM3IDLoadVLM"
+        path = _host.resolve_dir(VLM_FOLDER, model_folder, node, "model_folder")
+        try:
+            detect_family(path)
+        except VLMFolderError as exc:
+            raise _host.InputError(node, "model_folder", str(exc),
+                                   "pick a LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL or PaliGemma folder.") from exc
+        load_device = comfy.model_management.get_torch_device()
+        offload = comfy.model_management.text_encoder_offload_device()
+        torch_dtype = _dtype(dtype, load_device)
+        key = (path, os.stat(os.path.join(path, "config.json")).st_mtime_ns, str(torch_dtype))
+        if key not in _CACHE:
+            vlm = load_vlm(path, dtype=torch_dtype, device=offload)
+            patcher = comfy.model_patcher.ModelPatcher(_Holder(vlm.model), load_device=load_device,
+                                                       offload_device=offload)
+            _CACHE.clear()
+            _CACHE[key] = VLMHandle(vlm, patcher)
+        return io.NodeOutput(_CACHE[key])
+
+
+def _caption(node: str, handle: VLMHandle, images: torch.Tensor, prompt: str, settings: M3IDSettings,
+             chunk_size: int) -> list[CaptionResult]:
+    if not isinstance(handle, VLMHandle):
+        raise _host.InputError(node, "vlm", "is not a loaded captioning model.", "connect Load Captioning Model.")
+    if not prompt or not prompt.strip():
+        raise _host.InputError(node, "prompt", "is empty.", "write what the caption should answer, "
+                               "e.g. 'Describe this image in detail.'")
+    if settings.max_new_tokens < 1:
+        raise _host.InputError(node, "max_tokens", f"is {settings.max_new_tokens}.", "use at least 1.")
+    if settings.lam < 0:
+        raise _host.InputError(node, "lambda", f"is {settings.lam}; it must be >= 0.", "0 is plain decoding.")
+    if not 0 <= settings.alpha <= 1:
+        raise _host.InputError(node, "alpha", f"is {settings.alpha}; it must be in [0, 1].")
+    if images is None or images.ndim != 4 or images.shape[0] == 0:
+        raise _host.InputError(node, "images", "is not a non-empty IMAGE batch.")
+    vlm = handle.ready()
+    total = images.shape[0] * settings.max_new_tokens
+    return caption_images(vlm, _to_pil(images), prompt, settings, chunk_size=chunk_size,
+                          progress=_host.progress(total),
+                          fatal=(comfy.model_management.InterruptProcessingException,))
+
+
+def _outputs(results: list[CaptionResult], vlm: VLM, settings: M3IDSettings) -> io.NodeOutput:
+    captions = [r.text if r.error is None else f"[caption failed: {r.error}]" for r in results]
+    doc = pdm_json(results, vlm.tokenizer, {k: v for k, v in asdict(settings).items()})
+    plot = torch.from_numpy(np.stack([pdm_plot(r) for r in results])).to(
+        comfy.model_management.intermediate_device())
+    return io.NodeOutput(captions, doc, plot)
+
+
+def _common_inputs(default_prompt: str = "Describe this image in detail.") -> list:
+    return [
+        VLMType.Input("vlm"),
+        io.Image.Input("images", tooltip="Every image of the batch is captioned."),
+        io.String.Input("prompt", default=default_prompt, multiline=True),
+        io.Int.Input("max_tokens", default=64, min=1, max=1024, tooltip="Maximum caption length in tokens."),
+        io.Combo.Input("decoding", options=["greedy", "sample"], default="greedy"),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Used when decoding is 'sample'."),
+        io.Int.Input("chunk_size", default=4, min=1, max=64,
+                     tooltip="Images captioned together; halved automatically when memory runs out."),
+    ]
+
+
+_OUTPUTS = [
+    io.String.Output(display_name="captions", is_output_list=True),
+    io.String.Output(display_name="pdm_json"),
+    io.Image.Output(display_name="pdm_plot"),
+]
+
+
+class CaptionM3ID(io.ComfyNode):
+    """Caption with M3ID: contrast each token with the image-free prediction, more as the caption grows."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CompartmentsM3IDCaption",
+            display_name="Caption Images (M3ID)",
+            category=CATEGORY,
+            description="Grounded captions: per token, amplifies what the image adds over the image-free "
+                        "prediction (M3ID, arXiv 2403.14003). lambda=0 is plain decoding.",
+            inputs=[
+                *_common_inputs(),
+                io.Float.Input("lambda_", display_name="lambda", default=0.02, min=0.0, max=1.0, step=0.005,
+                               tooltip="Growth of the image weight with the token index (gamma_t = exp(-lambda t))."),
+                io.Float.Input("alpha", default=0.3, min=0.0, max=1.0, step=0.01,
+                               tooltip="Contrast only tokens where the top probability is below alpha."),
+                io.Float.Input("weight_cap", default=10.0, min=0.0, max=100.0, step=0.5,
+                               tooltip="Upper bound of the contrast weight for long captions."),
+            ],
+            outputs=_OUTPUTS,
+        )
+
+    @classmethod
+    def execute(cls, vlm, images, prompt, max_tokens, decoding, seed, chunk_size, lambda_, alpha,
+                weight_cap) -> io.NodeOutput:
+        settings = M3IDSettings(lam=float(lambda_), alpha=float(alpha), weight_cap=float(weight_cap),
+                                max_new_tokens=int(max_tokens), greedy=decoding == "greedy", seed=int(seed))
+        results = _caption("CompartmentsM3IDCaption", vlm, images, prompt, settings, chunk_size)
+        return _outputs(results, vlm.vlm, settings)
+
+
+class CaptionPlain(io.ComfyNode):
+    """Plain decoding (no contrast) through the same code path, for side-by-side comparison with M3ID."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CompartmentsM3IDCaptionPlain",
+            display_name="Caption Images (Plain Decoding)",
+            category=CATEGORY,
+            description="Plain greedy or sampled captions, with the PDM still measured (optional) so they "
+                        "can be compared with M3ID.",
+            inputs=[
+                *_common_inputs(),
+                io.Boolean.Input("measure_pdm", default=True,
+                                 tooltip="Also run the image-free branch to report PDM (about 2x the time)."),
+            ],
+            outputs=_OUTPUTS,
+        )
+
+    @classmethod
+    def execute(cls, vlm, images, prompt, max_tokens, decoding, seed, chunk_size, measure_pdm) -> io.NodeOutput:
+        settings = M3IDSettings(lam=0.0, max_new_tokens=int(max_tokens), greedy=decoding == "greedy",
+                                seed=int(seed), contrast=False, pdm=bool(measure_pdm))
+        results = _caption("CompartmentsM3IDCaptionPlain", vlm, images, prompt, settings, chunk_size)
+        return _outputs(results, vlm.vlm, settings)
+
+
+NODES = [LoadVLM, CaptionM3ID, CaptionPlain]
