@@ -1,0 +1,1 @@
+"""Sampling algorithms as pure tensor math (no ComfyUI imports)."""
