@@ -26,6 +26,7 @@ MODEL_CONFIG = {
 IMAGE_COUNT = 6
 WEIGHTS_NAME = "retrieval-tiny-open-clip.safetensors"
 INPUT_FOLDER = "retrieval_demo"
+QUERY_IMAGE = "retrieval-query.png"
 
 
 def clip_weights(seed: int = 0) -> Path:
@@ -79,12 +80,15 @@ def images_folder(count: int = IMAGE_COUNT, size: int = 64, junk: bool = True) -
 
 
 def prepare(models_dir: Path, input_dir: Path) -> dict:
-    """Place the tiny open_clip weights in models/clip_vision and the demo images in input/."""
+    """Place the tiny open_clip weights in models/clip_vision, the demo folder in input/ and a
+    query image (a copy of img_03.png) at input/retrieval-query.png for LoadImage."""
     weights = link_into(clip_weights(), Path(models_dir) / "clip_vision" / WEIGHTS_NAME)
     folder = Path(input_dir) / INPUT_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     src = images_folder()
     for f in sorted(src.iterdir()):
         link_into(f, folder / f.name)
+    link_into(src / "img_03.png", Path(input_dir) / QUERY_IMAGE)
     (Path(models_dir) / "retrieval_stores").mkdir(parents=True, exist_ok=True)
-    return {"clip_vision": [weights.name], "input": [f"{INPUT_FOLDER}/{f.name}" for f in sorted(src.iterdir())]}
+    placed = [f"{INPUT_FOLDER}/{f.name}" for f in sorted(src.iterdir())]
+    return {"clip_vision": [weights.name], "input": [*placed, QUERY_IMAGE]}
