@@ -101,7 +101,10 @@ class ComfyClient:
         import websocket  # websocket-client
 
         ws_url = self.url.replace("http://", "ws://").replace("https://", "wss://").rstrip("/")
-        ws = websocket.create_connection(f"{ws_url}/ws?clientId={self.client_id}", timeout=timeout)
+        try:
+            ws = websocket.create_connection(f"{ws_url}/ws?clientId={self.client_id}", timeout=timeout)
+        except (OSError, websocket.WebSocketException) as e:
+            raise ComfyError(f"cannot reach ComfyUI at {self.url}: {e}") from None
         bar = None
         try:
             prompt_id = self.queue(workflow)

@@ -16,6 +16,9 @@ if [ -f "$comfy/requirements.txt" ]; then
 else
   echo "setup: no ComfyUI at $comfy: tiers 2-3 will be skipped (set COMFYUI_PATH to run them)"
 fi
-# torch for the tests only: the pack never depends on torch (ComfyUI brings its own).
-.venv/bin/python -m pip install --quiet torch torchvision -e ".[test]" "${extra[@]}"
+# torch for the tests only: the pack never depends on torch (ComfyUI brings its own). The
+# three are pinned together because ComfyUI imports torchaudio, and the registry's newest
+# torchaudio (2.11) refuses to load beside a newer torch built for another CUDA.
+TORCH=(torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0)
+.venv/bin/python -m pip install --quiet "${TORCH[@]}" -e ".[test]" "${extra[@]}"
 echo "setup: done. Run the tests with: .venv/bin/python -m pytest"
