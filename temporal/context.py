@@ -102,5 +102,7 @@ def run_windowed(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, le
     """Apply ``fn`` to each window of ``x`` along ``dim`` and fuse; identical to ``fn(x)`` when one window."""
     n = x.shape[dim]
     idx = windows(n, length, overlap)
+    if len(idx) == 1:
+        return fn(x)
     outs = [fn(x.index_select(dim, torch.tensor(i, device=x.device))) for i in idx]
     return fuse(outs, idx, n, method, overlap, dim)

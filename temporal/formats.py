@@ -104,8 +104,8 @@ def original_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     """The inverse (what diffusers' ``convert_animatediff_checkpoint_to_diffusers`` does; drops ``pe``)."""
     out = {}
     for k, v in sd.items():
-        if "pos_encoder" in k or not _SLOT.match(k):
-            continue
+        if "pos_encoder" in k or not _SLOT.match(k) or ".temporal_transformer." not in k:
+            continue  # diffusers recomputes pe; blender/conv are not AnimateDiff
         out[k.replace(".norms.0", ".norm1").replace(".norms.1", ".norm2").replace(".ff_norm", ".norm3")
              .replace(".attention_blocks.0", ".attn1").replace(".attention_blocks.1", ".attn2")
              .replace(".temporal_transformer", "")] = v
