@@ -33,22 +33,24 @@ def pdm_json(results: list[CaptionResult], tokenizer=None, settings: dict | None
 
 
 def pdm_plot(result: CaptionResult, width: int = 384, height: int = 192) -> np.ndarray:
-    """An RGB float image (H, W, 3) in [0, 1]: the PDM per token as a line, gate-open tokens dotted."""
+    """An RGB float image (H, W, 3) in [0, 1]: PDM per token as a line; tokens where the gate was open in orange."""
     img = Image.new("RGB", (width, height), (250, 250, 250))
     draw = ImageDraw.Draw(img)
     left, right, top, bottom = 36, width - 8, 18, height - 22
     draw.rectangle([left, top, right, bottom], outline=(60, 60, 60))
+    # the y axis follows the data (PDM of real captions is often well below 1), at least 0..0.05
+    ymax = max(0.05, min(1.0, max(result.pdm, default=0.0) * 1.1))
     for frac in (0.0, 0.5, 1.0):
         y = bottom - frac * (bottom - top)
         draw.line([left - 3, y, left, y], fill=(60, 60, 60))
-        draw.text((4, y - 6), f"{frac:.1f}", fill=(60, 60, 60))
+        draw.text((2, y - 6), f"{frac * ymax:.3f}", fill=(60, 60, 60))
     title = "PDM per token" if not result.error else f"error: {result.error[:48]}"
     draw.text((left, 3), title, fill=(20, 20, 20))
     n = len(result.pdm)
     draw.text((left, bottom + 5), f"tokens: {n}", fill=(60, 60, 60))
     if n:
         xs = [left + (i + 0.5) * (right - left) / n for i in range(n)]
-        ys = [bottom - min(max(p, 0.0), 1.0) * (bottom - top) for p in result.pdm]
+        ys = [bottom - min(max(p, 0.0), ymax) / ymax * (bottom - top) for p in result.pdm]
         if n > 1:
             draw.line(list(zip(xs, ys, strict=True)), fill=(30, 90, 200), width=2)
         for x, y, g in zip(xs, ys, result.gated or [False] * n, strict=True):
