@@ -136,7 +136,7 @@ def choose_threshold(lam: float) -> float:
 
 
 def hutchinson_div_diff(d_pub: torch.Tensor, d_priv: torch.Tensor, d_pub_probe: torch.Tensor,
-                        d_priv_probe: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+                        d_priv_probe: torch.Tensor, v: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
     """One-probe estimate of ``div D_pub - div D_priv`` per sample, [B].
 
     ``d_*_probe`` are the denoisers evaluated at ``x + eps * v`` (v Rademacher): the finite
@@ -144,7 +144,8 @@ def hutchinson_div_diff(d_pub: torch.Tensor, d_priv: torch.Tensor, d_pub_probe: 
     """
     b = v.shape[0]
     diff = (d_pub_probe - d_pub) - (d_priv_probe - d_priv)
-    return (v.reshape(b, -1).to(torch.float64) * diff.reshape(b, -1).to(torch.float64)).sum(1) / eps
+    eps_t = torch.as_tensor(eps, dtype=torch.float64, device=v.device).reshape(-1)
+    return (v.reshape(b, -1).to(torch.float64) * diff.reshape(b, -1).to(torch.float64)).sum(1) / eps_t
 
 
 def update_log_ratio(d_pub: torch.Tensor, d_priv: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor | float,
