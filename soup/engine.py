@@ -158,7 +158,7 @@ def build_soup(shards: Sequence[Shard | str | os.PathLike], out: str | os.PathLi
     ``base`` supplies every tensor that is not souped (text encoder, VAE, int buffers);
     default: the first shard. ``dtype`` "same" keeps each tensor's dtype from the base.
     """
-    items = [s if isinstance(s, Shard) else Shard(Path(s)) for s in shards]
+    items = [Shard(Path(s.path), s.weight) if isinstance(s, Shard) else Shard(Path(s)) for s in shards]
     if not items:
         raise SoupError("a soup needs at least one member.")
     if components not in ("unet", "all"):

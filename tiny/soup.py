@@ -11,10 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from . import cached, link_into
-from .sd15 import UNET_CONFIG, build_state_dict
+from .sd15 import UNET_CONFIG, checkpoint
 
 UNET = "model.diffusion_model."
 NAMES = ("a", "b", "c")
@@ -22,7 +22,7 @@ NAMES = ("a", "b", "c")
 
 def finetune_state_dict(shard: int, base_seed: int = 0, scale: float = 0.05) -> dict[str, torch.Tensor]:
     """Base weights with the UNet moved by ``scale * std(tensor) * N(0, 1)`` (seed = shard)."""
-    sd = build_state_dict(base_seed)
+    sd = load_file(str(checkpoint(base_seed)))  # the cached base: members share its CLIP and VAE bytes
     gen = torch.Generator().manual_seed(10_000 + shard)
     for k, v in sd.items():
         if k.startswith(UNET) and v.is_floating_point():

@@ -1,0 +1,144 @@
+"""Tier 2: the soup nodes inside a real, in-process ComfyUI, side by side with core merging."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+MEMBERS = "soup-member-a.safetensors\nsoup-member-b.safetensors\nsoup-member-c.safetensors"
+
+
+@pytest.fixture(scope="module")
+def prepared(comfy):
+    from compartments.tiny import soup as tiny_soup
+
+    return tiny_soup.prepare(comfy.models_dir, comfy.input_dir)
+
+
+def _build(comfy, members: str = MEMBERS, **kw):
+    args = {"members": members, "base": "first member", "components": "unet", "dtype": "same", "keep_sum": True}
+    args.update(kw)
+    return comfy.run("CompartmentsSoupBuild", **args)
+
+
+def _unet_weights(model) -> dict[str, torch.Tensor]:
+    """The weights the sampler will use: patches applied by core's own loader path."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([model], force_full_load=True)
+    sd = {k: v.detach().float().cpu().clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    model.unpatch_model()
+    return sd
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_uniform_soup_equals_core_model_merge_simple_chain(comfy, prepared):
+    import comfy.sd as comfy_sd
+
+    ckpts = [comfy.models_dir / "checkpoints" / n for n in MEMBERS.splitlines()]
+    models = [comfy_sd.load_checkpoint_guess_config(str(p), output_vae=False, output_clip=False)[0] for p in ckpts]
+    (m12,) = comfy.run("ModelMergeSimple", model1=models[0], model2=models[1], ratio=1 / 2)
+    (m123,) = comfy.run("ModelMergeSimple", model1=m12, model2=models[2], ratio=2 / 3)
+    core = _unet_weights(m123)
+
+    soup, model, clip, vae, text = _build(comfy, dtype="float32")
+    ours = _unet_weights(model)
+    assert ours.keys() == core.keys()
+    eps = torch.finfo(torch.float32).eps
+    for k in core:
+        tol = 4 * eps * float(core[k].abs().max()) + 1e-12
+        assert float((ours[k] - core[k]).abs().max()) <= tol, k
+    # and the in-graph lazy soup is literally the same chain of patches
+    (lazy,) = comfy.run("CompartmentsSoupModels", model_1=models[0], model_2=models[1], model_3=models[2])
+    lazy_w = _unet_weights(lazy)
+    assert all(torch.equal(lazy_w[k], core[k]) for k in core)
+    assert "soup of 3 member(s), uniform" in text and soup.manifest.exact
+
+
+def test_remove_shard_node_equals_rebuild_bitwise_and_samples(comfy, prepared):
+    full = _build(comfy)[0]
+    removed, model, clip, vae, text = comfy.run("CompartmentsSoupRemoveShard", soup=full,
+                                                checkpoint="soup-member-b.safetensors")
+    rebuilt = _build(comfy, members="soup-member-a.safetensors\nsoup-member-c.safetensors")[0]
+    a, b = load_file(removed.path), load_file(rebuilt.path)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert removed.manifest.exact and [m.name for m in removed.manifest.members] == [
+        "soup-member-a.safetensors", "soup-member-c.safetensors"]
+    assert "history: remove soup-member-b.safetensors" in text
+
+    # the souped MODEL samples with core KSampler
+    (cond,) = comfy.run("CLIPTextEncode", text="a soup", clip=clip)
+    (latent,) = comfy.run("EmptyLatentImage", width=64, height=64, batch_size=1)
+    (out,) = comfy.run("KSampler", model=model, seed=0, steps=2, cfg=2.0, sampler_name="euler",
+                       scheduler="normal", positive=cond, negative=cond, latent_image=latent, denoise=1.0)
+    assert out["samples"].shape == (1, 4, 8, 8) and torch.isfinite(out["samples"]).all()
+
+
+def test_add_shard_node_equals_rebuild(comfy, prepared):
+    two = _build(comfy, members="soup-member-a.safetensors\nsoup-member-b.safetensors")[0]
+    added = comfy.run("CompartmentsSoupAddShard", soup=two, checkpoint="soup-member-c.safetensors", weight=1.0)[0]
+    three = _build(comfy)[0]
+    a, b = load_file(added.path), load_file(three.path)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_save_load_inspect_roundtrip(comfy, prepared):
+    import folder_paths
+
+    soup = _build(comfy, members="soup-member-a.safetensors, 2\nsoup-member-c.safetensors")[0]
+    (name,) = comfy.run("CompartmentsSoupSave", soup=soup, filename="style-mix", overwrite=False)
+    target = comfy.models_dir / "soups" / "style-mix.safetensors"
+    assert name == "style-mix.safetensors" and target.is_file()
+    assert _digest(target) == _digest(Path(soup.path))
+    assert not list(target.parent.glob(".*partial"))
+    with pytest.raises(ValueError, match="Save Soup: input 'filename'.*already exists"):
+        comfy.run("CompartmentsSoupSave", soup=soup, filename="style-mix", overwrite=False)
+    assert "style-mix.safetensors" in folder_paths.get_filename_list("soups")
+    loaded, model, clip, vae, text = comfy.run("CompartmentsSoupLoad", soup_name="style-mix.safetensors")
+    assert type(model.model.model_config).__name__ == "SD15"
+    (info,) = comfy.run("CompartmentsSoupInspect", soup=loaded, as_json=False)
+    assert "weighted" in info and "w=2 (0.6667)" in info
+    for m in soup.manifest.members:
+        assert m.id[:16] in info
+
+
+def test_remove_non_member_is_a_clear_error_and_touches_nothing(comfy, prepared):
+    import shutil
+
+    soup = _build(comfy, members="soup-member-a.safetensors\nsoup-member-b.safetensors")[0]
+    before = _digest(Path(soup.path))
+    stranger = comfy.models_dir / "checkpoints" / "soup-stranger.safetensors"
+    shutil.copyfile(comfy.models_dir / "checkpoints" / "soup-member-c.safetensors", stranger)
+    temp = Path(soup.path).parent
+    files_before = sorted(p.name for p in temp.iterdir())
+    with pytest.raises(ValueError, match="Soup Remove Shard: input 'checkpoint'.*not a member"):
+        comfy.run("CompartmentsSoupRemoveShard", soup=soup, checkpoint="soup-stranger.safetensors")
+    assert _digest(Path(soup.path)) == before
+    assert sorted(p.name for p in temp.iterdir()) == files_before
+    with pytest.raises(ValueError, match="Soup Checkpoints: input 'members'.*not in models/checkpoints"):
+        _build(comfy, members="soup-member-a.safetensors\nnope.safetensors")
+
+
+def test_cancel_leaves_no_partial_file(comfy, prepared):
+    import comfy.model_management as mm
+
+    temp_files = set()
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            _build(comfy)
+    finally:
+        mm.interrupt_current_processing(False)
+    import folder_paths
+
+    folder = Path(folder_paths.get_temp_directory()) / "compartments_soup"
+    temp_files = [p.name for p in folder.iterdir() if p.name.endswith(".partial")]
+    assert temp_files == []
