@@ -1,0 +1,38 @@
+"""Tier 1: ``python -m compartments store ...`` subcommands, in-process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from compartments.retrieval import cli
+from compartments.tiny import retrieval as tiny_retrieval
+
+
+def _run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="cmd", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_build_query_forget_list(tmp_path, capsys):
+    weights, folder = str(tiny_retrieval.clip_weights()), str(tiny_retrieval.images_folder())
+    store = str(tmp_path / "s")
+    assert _run(["store", "build", store, "--folder", folder, "--weights", weights, "--owner", "cli"]) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert built["created"] and len(built["added"]) == tiny_retrieval.IMAGE_COUNT and len(built["skipped"]) == 2
+    assert _run(["store", "query", store, "--image", f"{folder}/img_04.png", "--k", "1", "--weights", weights]) == 0
+    top = json.loads(capsys.readouterr().out)
+    assert top["source"].endswith("img_04.png") and top["score"] > 0.999
+    assert _run(["store", "forget", store, top["sha256"]]) == 0
+    assert json.loads(capsys.readouterr().out)["items_left"] == tiny_retrieval.IMAGE_COUNT - 1
+    assert _run(["store", "visibility", store, "public", "1"]) == 0
+    capsys.readouterr()
+    assert _run(["store", "list", store, "--visibility", "public"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert json.loads(lines[0])["public"] == 1 and [json.loads(x)["id"] for x in lines[1:]] == [1]
+    # k beyond the store: a one-line error and exit code 2, no traceback
+    assert _run(["store", "query", store, "--text", "x", "--k", "99", "--weights", weights]) == 2
+    err = capsys.readouterr().err
+    assert "k=99" in err and "Traceback" not in err
