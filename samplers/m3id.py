@@ -16,8 +16,15 @@ Measure (PDM) of a token is the Hellinger distance between p_c and p_u: how much
 changed the distribution (0: not at all, 1: disjoint).
 
 The conditioned branch runs inside ``model.generate`` (which knows each family's vision
-inputs, position ids and cache); the image-free branch runs in :class:`M3IDProcessor`, a
-``LogitsProcessor`` holding its own KV cache, both batched over the images of a chunk.
+inputs, position ids and cache). The image-free branch has two implementations:
+
+* fused (default): its rows are appended to the conditioned batch, left-padded to the
+  same length with the attention mask covering the padding, so one forward per token
+  serves both branches (each row still has its own KV cache rows). ``generate`` derives
+  position ids from the mask, so the padding does not shift positions.
+* separate: :class:`ImageFreeBranch` inside :class:`M3IDProcessor` runs its own forward
+  and KV cache per step (used to check the fused mode, and where a model cannot take
+  mixed image / no-image rows in one batch).
 The processor also makes the token choice (greedy, or sampling from its own seeded
 ``torch.Generator``) and hands ``generate`` a one-hot score row, so ``generate`` runs
 greedily and the global RNG is never touched.
@@ -124,9 +131,11 @@ class M3IDProcessor:
     Records, per step, the PDM of each row and whether the gate fired, for the caption report.
     """
 
-    def __init__(self, model: Any, uncond_inputs: dict[str, torch.Tensor] | None, settings: M3IDSettings):
+    def __init__(self, model: Any, uncond_inputs: dict[str, torch.Tensor] | None, settings: M3IDSettings,
+                 fused_rows: int = 0):
         self.settings = settings
-        self.branch = ImageFreeBranch(model, uncond_inputs) if uncond_inputs is not None else None
+        self.fused_rows = fused_rows  # > 0: the last ``fused_rows`` rows of the batch are the image-free branch
+        self.branch = ImageFreeBranch(model, uncond_inputs) if uncond_inputs is not None and not fused_rows else None
         self.t = 0
         self.pdm: list[torch.Tensor] = []
         self.gated: list[torch.Tensor] = []
@@ -135,12 +144,18 @@ class M3IDProcessor:
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         s = self.settings
         self.t += 1
-        l_c = torch.log_softmax(scores.float(), dim=-1)
-        if self.branch is not None:
+        n = self.fused_rows
+        cond_scores = scores[:-n] if n else scores
+        l_c = torch.log_softmax(cond_scores.float(), dim=-1)
+        l_u = None
+        if n:
+            l_u = torch.log_softmax(scores[-n:].float(), dim=-1)
+        elif self.branch is not None:
             u = self.branch.step(None if self.t == 1 else input_ids[:, -1])
             l_u = torch.log_softmax(u.to(l_c.device)[:, : l_c.shape[-1]], dim=-1)
             if u.shape[-1] < l_c.shape[-1]:  # vocab padding on the conditioned head only
                 l_u = torch.nn.functional.pad(l_u, (0, l_c.shape[-1] - u.shape[-1]), value=-math.inf)
+        if l_u is not None:
             self.pdm.append(hellinger(l_c, l_u).cpu())
             self.gated.append((l_c.max(dim=-1).values.exp() < s.alpha).cpu())
             combined = m3id_combine(l_c, l_u, self.t, s.lam, s.alpha, s.weight_cap) if s.contrast else l_c
@@ -153,6 +168,8 @@ class M3IDProcessor:
                 self.generator = torch.Generator(device=combined.device).manual_seed(int(s.seed))
             probs = torch.softmax(combined / s.temperature, dim=-1)
             choice = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        if n:
+            choice = torch.cat([choice, choice])  # the image-free rows follow the chosen tokens
         out = torch.full_like(scores, -math.inf)
         out.scatter_(1, choice[:, None], 0.0)
         return out
@@ -184,20 +201,60 @@ class CaptionResult:
     error: str | None = None
 
 
+def fuse_inputs(cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor],
+                pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One batch holding both branches: conditioned rows, then image-free rows, left-padded.
+
+    Every per-token tensor of the conditioned inputs (input_ids, attention_mask,
+    token_type_ids, mm_token_type_ids, ...) gets an image-free counterpart: the image-free
+    ids, a mask of ones, and the branch's own token types (zeros: no image, prompt prefix).
+    Image tensors (pixel_values, image sizes/grids) stay as they are: they belong to the
+    conditioned rows only.
+    """
+    ids_c, ids_u = cond["input_ids"], uncond["input_ids"]
+    b, lc = ids_c.shape
+    lu = ids_u.shape[1]
+    length = max(lc, lu)
+
+    def left_pad(x: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (length - x.shape[1], 0), value=value)
+
+    mask_c = cond.get("attention_mask", torch.ones_like(ids_c))
+    fused: dict[str, torch.Tensor] = {}
+    for key, val in cond.items():
+        if not torch.is_tensor(val) or val.ndim != 2 or tuple(val.shape) != (b, lc):
+            fused[key] = val
+            continue
+        if key == "input_ids":
+            u, pad = ids_u, pad_token_id
+        elif key == "attention_mask":
+            u, pad = torch.ones_like(ids_u), 0
+        else:
+            u, pad = uncond.get(key, torch.zeros_like(ids_u)).to(val.dtype), 0
+        fused[key] = torch.cat([left_pad(val, pad), left_pad(u, pad)])
+    if "attention_mask" not in cond:
+        fused["attention_mask"] = torch.cat([left_pad(mask_c, 0), left_pad(torch.ones_like(ids_u), 0)])
+    return fused
+
+
 @torch.no_grad()
 def generate_m3id(model: Any, cond_inputs: dict[str, torch.Tensor], uncond_inputs: dict[str, torch.Tensor] | None,
                   settings: M3IDSettings, eos_token_ids: list[int], pad_token_id: int,
                   progress: Progress = None, progress_offset: int = 0,
-                  progress_total: int | None = None) -> tuple[torch.Tensor, M3IDProcessor]:
+                  progress_total: int | None = None, fused: bool = True) -> tuple[torch.Tensor, M3IDProcessor]:
     """Run M3ID for a batch; returns (new token ids (batch, <= max_new_tokens), the processor).
 
-    ``uncond_inputs=None`` (or ``settings.contrast=False`` with no need for PDM) skips the
-    image-free branch: plain greedy/sampled decoding through the same code path.
+    ``uncond_inputs=None`` skips the image-free branch: plain greedy/sampled decoding
+    through the same code path. ``fused`` runs both branches in one batch (see module doc).
     """
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
     settings.validate()
-    proc = M3IDProcessor(model, uncond_inputs, settings)
+    batch = cond_inputs["input_ids"].shape[0]
+    fused = fused and uncond_inputs is not None
+    if fused:
+        cond_inputs = fuse_inputs(cond_inputs, uncond_inputs, pad_token_id)
+    proc = M3IDProcessor(model, uncond_inputs, settings, fused_rows=batch if fused else 0)
     gen_cfg = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1,
                                eos_token_id=eos_token_ids or None, pad_token_id=pad_token_id,
                                repetition_penalty=1.0, no_repeat_ngram_size=0)
@@ -208,7 +265,7 @@ def generate_m3id(model: Any, cond_inputs: dict[str, torch.Tensor], uncond_input
     stop = _ProgressCriteria(progress, settings.max_new_tokens, progress_offset, progress_total)
     out = model.generate(**inputs, generation_config=gen_cfg, logits_processor=LogitsProcessorList([proc]),
                          stopping_criteria=StoppingCriteriaList([stop]))
-    return out[:, inputs["input_ids"].shape[1]:], proc
+    return out[:batch, inputs["input_ids"].shape[1]:], proc
 
 
 def split_results(new_tokens: torch.Tensor, proc: M3IDProcessor, tokenizer: Any,
@@ -228,7 +285,8 @@ def split_results(new_tokens: torch.Tensor, proc: M3IDProcessor, tokenizer: Any,
 
 
 def caption_images(vlm: Any, images: list, prompt: str, settings: M3IDSettings, chunk_size: int = 4,
-                   progress: Progress = None, fatal: tuple[type[BaseException], ...] = ()) -> list[CaptionResult]:
+                   progress: Progress = None, fatal: tuple[type[BaseException], ...] = (),
+                   fused: bool = True) -> list[CaptionResult]:
     """Caption every image (PIL) in chunks; a failing chunk is retried per image, a failing
     image yields a result with ``error`` set and the others survive. Out-of-memory halves
     the chunk. Exceptions in ``fatal`` (e.g. the host's interrupt) propagate.
@@ -245,7 +303,7 @@ def caption_images(vlm: Any, images: list, prompt: str, settings: M3IDSettings, 
     def run(idx: list[int]) -> None:
         cond, uncond = build_inputs(vlm, [images[i] for i in idx], prompt)
         new, proc = generate_m3id(vlm.model, cond, uncond if need_branch else None, settings, vlm.eos_token_ids,
-                                  vlm.pad_token_id, progress, idx[0] * settings.max_new_tokens, total)
+                                  vlm.pad_token_id, progress, idx[0] * settings.max_new_tokens, total, fused=fused)
         for i, res in zip(idx, split_results(new, proc, vlm.tokenizer, vlm.eos_token_ids), strict=True):
             results[i] = res
 

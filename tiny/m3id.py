@@ -75,14 +75,14 @@ def build_tokenizer(bos: str, eos: str, pad: str = "<pad>"):
     return fast
 
 
-def _text_kw(seed: int) -> dict:
-    return dict(vocab_size=len(vocab()), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+def _text_kw(seed: int, width: int = 32, layers: int = 2) -> dict:
+    return dict(vocab_size=len(vocab()), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
 
-def _clip_vision() -> dict:
-    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                image_size=32, patch_size=8, projection_dim=32)
+def _clip_vision(width: int = 32, image_size: int = 32) -> dict:
+    return dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
+                image_size=image_size, patch_size=8, projection_dim=width)
 
 
 def _save(model, processor, path: Path, seed: int) -> None:
@@ -95,7 +95,7 @@ def _save(model, processor, path: Path, seed: int) -> None:
     processor.save_pretrained(path)
 
 
-def _build_llava(path: Path, seed: int) -> None:
+def _build_llava(path: Path, seed: int, width: int = 32, layers: int = 2, image_size: int = 32) -> None:
     import torch
     from transformers import (
         CLIPImageProcessor,
@@ -108,8 +108,8 @@ def _build_llava(path: Path, seed: int) -> None:
 
     tok = build_tokenizer("<s>", "</s>")
     v = vocab()
-    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**_clip_vision()).to_dict(),
-                      text_config=LlamaConfig(**_text_kw(seed), bos_token_id=v["<s>"], eos_token_id=v["</s>"],
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**_clip_vision(width, image_size)).to_dict(),
+                      text_config=LlamaConfig(**_text_kw(seed, width, layers), bos_token_id=v["<s>"], eos_token_id=v["</s>"],
                                               pad_token_id=v["<pad>"]).to_dict(),
                       image_token_id=v["<image>"], vision_feature_layer=-2,
                       vision_feature_select_strategy="default")
@@ -117,7 +117,7 @@ def _build_llava(path: Path, seed: int) -> None:
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg)
     _eos_config(model, v["</s>"], v["<pad>"])
-    ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    ip = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
                           chat_template=LLAVA_TEMPLATE, num_additional_image_tokens=1)
     _save(model, proc, path, seed)
@@ -240,6 +240,8 @@ def _eos_config(model, eos: int, pad: int) -> None:
 
 _BUILDERS = {
     "llava": _build_llava,
+    # compute-bound rather than call-overhead-bound: for CPU timing of the M3ID overhead
+    "llava_small": lambda p, s: _build_llava(p, s, width=256, layers=4, image_size=64),
     "llava_next": _build_llava_next,
     "qwen2_vl": lambda p, s: _build_qwen(p, s, v25=False),
     "qwen2_5_vl": lambda p, s: _build_qwen(p, s, v25=True),

@@ -23,10 +23,12 @@ def _inputs(vlm):
     return mm.build_inputs(vlm, [tiny.image(1), tiny.image(2)], PROMPT)
 
 
-def test_lambda_zero_equals_plain_generate(vlm):
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused"])
+def test_lambda_zero_equals_plain_generate(vlm, fused):
     cond, uncond = _inputs(vlm)
     settings = M.M3IDSettings(lam=0.0, alpha=1.0, max_new_tokens=10)
-    new, proc = M.generate_m3id(vlm.model, cond, uncond, settings, vlm.eos_token_ids, vlm.pad_token_id)
+    new, proc = M.generate_m3id(vlm.model, cond, uncond, settings, vlm.eos_token_ids, vlm.pad_token_id,
+                                fused=fused)
     ref = vlm.model.generate(**cond, max_new_tokens=10, do_sample=False, eos_token_id=vlm.eos_token_ids,
                              pad_token_id=vlm.pad_token_id)
     assert torch.equal(new, ref[:, cond["input_ids"].shape[1]:])
@@ -36,7 +38,8 @@ def test_lambda_zero_equals_plain_generate(vlm):
 def test_image_free_cache_equals_full_recomputation(vlm):
     cond, uncond = _inputs(vlm)
     settings = M.M3IDSettings(lam=0.3, alpha=1.0, max_new_tokens=8)
-    new, proc = M.generate_m3id(vlm.model, cond, uncond, settings, vlm.eos_token_ids, vlm.pad_token_id)
+    new, proc = M.generate_m3id(vlm.model, cond, uncond, settings, vlm.eos_token_ids, vlm.pad_token_id,
+                                fused=False)
     steps = len(proc.branch.logits_trace)
     ids = torch.cat([uncond["input_ids"], new[:, : steps - 1]], dim=1)
     extra = {}
@@ -48,6 +51,18 @@ def test_image_free_cache_equals_full_recomputation(vlm):
     start = uncond["input_ids"].shape[1] - 1
     for k, cached in enumerate(proc.branch.logits_trace):
         torch.testing.assert_close(cached, full[:, start + k], rtol=1e-4, atol=1e-4)
+
+
+def test_fused_batch_matches_separate_branch(vlm):
+    """One padded batch for both branches gives the tokens and PDM of the separate KV cache."""
+    cond, uncond = _inputs(vlm)
+    settings = M.M3IDSettings(lam=0.3, alpha=1.0, max_new_tokens=8)
+    sep, p_sep = M.generate_m3id(vlm.model, cond, uncond, settings, vlm.eos_token_ids, vlm.pad_token_id,
+                                 fused=False)
+    fus, p_fus = M.generate_m3id(vlm.model, cond, uncond, settings, vlm.eos_token_ids, vlm.pad_token_id,
+                                 fused=True)
+    assert torch.equal(sep, fus)
+    torch.testing.assert_close(torch.stack(p_fus.pdm), torch.stack(p_sep.pdm), rtol=1e-3, atol=1e-4)
 
 
 def test_contrast_changes_tokens_and_pdm_in_range(vlm):
