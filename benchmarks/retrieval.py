@@ -3,7 +3,7 @@
 Random unit vectors stand in for open_clip embeddings (the index never sees pixels), so the
 figures isolate the index. One JSON line per figure:
 
-    python -m compartments.benchmarks.retrieval            # 10k and 100k, dim 512
+    python benchmarks/retrieval.py                         # 10k and 100k, dim 512
     python benchmarks/retrieval.py --quick                 # 10k only, fewer queries
     python benchmarks/retrieval.py --dim 768 --threads 2
 
@@ -18,18 +18,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-try:
-    from compartments.retrieval.index import FaissIndex, NumpyIndex
-except ImportError:  # run as a file from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from compartments.retrieval.index import FaissIndex, NumpyIndex
+from compartments.retrieval.index import FaissIndex, NumpyIndex
 
 
 def _unit(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:

@@ -29,6 +29,7 @@ from ..retrieval.store import (
     attribution,
     build_or_update,
     parse_refs,
+    store_revision,
 )
 from . import _host
 
@@ -136,11 +137,7 @@ def _folder_signature(folder: Path) -> list:
 
 
 def _revision(path: Path) -> int | None:
-    try:
-        with ImageStore(path) as store:
-            return store.revision
-    except Exception:
-        return None
+    return store_revision(path)
 
 
 # -- nodes --------------------------------------------------------------------------------

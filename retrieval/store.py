@@ -595,6 +595,22 @@ class ImageStore:
         return torch.from_numpy(np.stack([np.frombuffer(rows[i], dtype=np.float32) for i in ids]).copy())
 
 
+def store_revision(path: str | Path) -> int | None:
+    """The store's write counter read straight from SQLite (no index load): a cheap cache key."""
+    db = Path(path) / DB_NAME
+    if not db.is_file():
+        return None
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            row = con.execute("SELECT value FROM meta WHERE key='revision'").fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return None
+    return int(row[0]) if row else None
+
+
 def parse_refs(text: str) -> list[int | str]:
     """Item references from user text: a JSON attribution record (``{"items": [{"id":..}]}``,
     what Retrieve outputs), a JSON list, or ids / sha256 hashes separated by commas or spaces."""

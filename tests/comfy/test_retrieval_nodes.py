@@ -56,8 +56,11 @@ def test_build_retrieve_forget_list(comfy, prepared):
     assert torch.allclose(images[0], query[0], atol=1 / 255)
 
     # forget it through the JSON the retrieve node output, then it is gone for good
+    load_cls = comfy.node("CompartmentsRetrievalLoadStore")
+    fingerprint = load_cls.fingerprint_inputs(store="nodes-demo")
     _, forget_report = comfy.run("CompartmentsRetrievalForget", store=store, ids=json.dumps({"items": [top]}))
     assert [f["id"] for f in json.loads(forget_report)["forgotten"]] == [top["id"]]
+    assert load_cls.fingerprint_inputs(store="nodes-demo") != fingerprint  # downstream caches re-run
     _, ids_after = comfy.run("CompartmentsRetrievalRetrieve", store=store, text="", k=5, visibility="all", image=query)
     assert top["id"] not in [it["id"] for it in json.loads(ids_after)["items"]]
     # repeating the forget is a no-op, not an error
