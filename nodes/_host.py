@@ -61,8 +61,10 @@ def list_dirs(name: str) -> list[str]:
 def resolve_dir(name: str, sub: str, node: str, input_name: str) -> str:
     """Absolute path of a folder-type model, refusing anything outside the registered folders."""
     for base in folder_dirs(name):
-        cand = os.path.realpath(os.path.join(base, sub))
-        root = os.path.realpath(base)
+        # Containment is checked on the normalised name, not the resolved one: a folder the
+        # user symlinked into models/ is theirs to use, a '..' escaping it is not.
+        root = os.path.abspath(base)
+        cand = os.path.abspath(os.path.join(root, sub))
         if os.path.commonpath([cand, root]) == root and cand != root and os.path.isdir(cand):
             return cand
     raise InputError(node, input_name, f"'{sub}' is not a folder under models/{name}.",
@@ -83,10 +85,10 @@ def resolve_file(name: str, filename: str, node: str, input_name: str) -> str:
 
 def save_path(name: str, filename: str, node: str, input_name: str) -> str:
     """Target path for a new model file inside the first registered folder of ``name``."""
-    base = os.path.realpath(folder_dirs(name)[0])
+    base = os.path.abspath(folder_dirs(name)[0])
     if not filename.endswith(".safetensors"):
         filename += ".safetensors"
-    path = os.path.realpath(os.path.join(base, filename))
+    path = os.path.abspath(os.path.join(base, filename))
     if os.path.commonpath([path, base]) != base:
         raise InputError(node, input_name, f"'{filename}' points outside models/{name}.",
                          "use a plain name or a sub-folder path without '..'.")
