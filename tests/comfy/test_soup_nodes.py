@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,13 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def test_uniform_soup_equals_core_model_merge_simple_chain(comfy, prepared):
+@pytest.fixture(scope="module")
+def full(comfy, prepared):
+    """Uniform float32 soup of the three members, built once through the node."""
+    return _build(comfy, dtype="float32")
+
+
+def test_uniform_soup_equals_core_model_merge_simple_chain(comfy, full):
     import comfy.sd as comfy_sd
 
     ckpts = [comfy.models_dir / "checkpoints" / n for n in MEMBERS.splitlines()]
@@ -48,7 +55,7 @@ def test_uniform_soup_equals_core_model_merge_simple_chain(comfy, prepared):
     (m123,) = comfy.run("ModelMergeSimple", model1=m12, model2=models[2], ratio=2 / 3)
     core = _unet_weights(m123)
 
-    soup, model, clip, vae, text = _build(comfy, dtype="float32")
+    soup, model, clip, vae, text = full
     ours = _unet_weights(model)
     assert ours.keys() == core.keys()
     eps = torch.finfo(torch.float32).eps
@@ -62,17 +69,21 @@ def test_uniform_soup_equals_core_model_merge_simple_chain(comfy, prepared):
     assert "soup of 3 member(s), uniform" in text and soup.manifest.exact
 
 
-def test_remove_shard_node_equals_rebuild_bitwise_and_samples(comfy, prepared):
-    full = _build(comfy)[0]
-    removed, model, clip, vae, text = comfy.run("CompartmentsSoupRemoveShard", soup=full,
+def test_remove_and_add_shard_nodes_equal_rebuild_bitwise_and_sample(comfy, full):
+    removed, model, clip, vae, text = comfy.run("CompartmentsSoupRemoveShard", soup=full[0],
                                                 checkpoint="soup-member-b.safetensors")
-    rebuilt = _build(comfy, members="soup-member-a.safetensors\nsoup-member-c.safetensors")[0]
+    rebuilt = _build(comfy, members="soup-member-a.safetensors\nsoup-member-c.safetensors", dtype="float32")[0]
     a, b = load_file(removed.path), load_file(rebuilt.path)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in b)
     assert removed.manifest.exact and [m.name for m in removed.manifest.members] == [
         "soup-member-a.safetensors", "soup-member-c.safetensors"]
     assert "history: remove soup-member-b.safetensors" in text
+
+    # adding b back (in another order) gives the three-member soup bit for bit: the sum is exact
+    added = comfy.run("CompartmentsSoupAddShard", soup=rebuilt, checkpoint="soup-member-b.safetensors", weight=1.0)[0]
+    c, d = load_file(added.path), load_file(full[0].path)
+    assert all(torch.equal(c[k], d[k]) for k in d)
 
     # the souped MODEL samples with core KSampler
     (cond,) = comfy.run("CLIPTextEncode", text="a soup", clip=clip)
@@ -82,41 +93,37 @@ def test_remove_shard_node_equals_rebuild_bitwise_and_samples(comfy, prepared):
     assert out["samples"].shape == (1, 4, 8, 8) and torch.isfinite(out["samples"]).all()
 
 
-def test_add_shard_node_equals_rebuild(comfy, prepared):
-    two = _build(comfy, members="soup-member-a.safetensors\nsoup-member-b.safetensors")[0]
-    added = comfy.run("CompartmentsSoupAddShard", soup=two, checkpoint="soup-member-c.safetensors", weight=1.0)[0]
-    three = _build(comfy)[0]
-    a, b = load_file(added.path), load_file(three.path)
-    assert all(torch.equal(a[k], b[k]) for k in b)
-
-
-def test_save_load_inspect_roundtrip(comfy, prepared):
+def test_save_load_inspect_roundtrip(comfy, full):
     import folder_paths
 
-    soup = _build(comfy, members="soup-member-a.safetensors, 2\nsoup-member-c.safetensors")[0]
-    (name,) = comfy.run("CompartmentsSoupSave", soup=soup, filename="style-mix", overwrite=False)
-    target = comfy.models_dir / "soups" / "style-mix.safetensors"
-    assert name == "style-mix.safetensors" and target.is_file()
+    soup = full[0]
+    (name,) = comfy.run("CompartmentsSoupSave", soup=soup, filename="three", overwrite=False)
+    target = comfy.models_dir / "soups" / "three.safetensors"
+    assert name == "three.safetensors" and target.is_file()
     assert _digest(target) == _digest(Path(soup.path))
     assert not list(target.parent.glob(".*partial"))
     with pytest.raises(ValueError, match="Save Soup: input 'filename'.*already exists"):
-        comfy.run("CompartmentsSoupSave", soup=soup, filename="style-mix", overwrite=False)
-    assert "style-mix.safetensors" in folder_paths.get_filename_list("soups")
-    loaded, model, clip, vae, text = comfy.run("CompartmentsSoupLoad", soup_name="style-mix.safetensors")
+        comfy.run("CompartmentsSoupSave", soup=soup, filename="three", overwrite=False)
+    assert "three.safetensors" in folder_paths.get_filename_list("soups")
+    loaded, model, clip, vae, text = comfy.run("CompartmentsSoupLoad", soup_name="three.safetensors")
     assert type(model.model.model_config).__name__ == "SD15"
     (info,) = comfy.run("CompartmentsSoupInspect", soup=loaded, as_json=False)
-    assert "weighted" in info and "w=2 (0.6667)" in info
+    assert "uniform" in info and "w=1 (0.3333)" in info
     for m in soup.manifest.members:
         assert m.id[:16] in info
+    (js,) = comfy.run("CompartmentsSoupInspect", soup=loaded, as_json=True)
+    assert json.loads(js)["n"] == 3
 
 
-def test_remove_non_member_is_a_clear_error_and_touches_nothing(comfy, prepared):
+def test_remove_non_member_is_a_clear_error_and_touches_nothing(comfy, full):
     import shutil
 
-    soup = _build(comfy, members="soup-member-a.safetensors\nsoup-member-b.safetensors")[0]
+    soup = full[0]
     before = _digest(Path(soup.path))
+    from compartments.tiny import sd15 as tiny_sd15
+
     stranger = comfy.models_dir / "checkpoints" / "soup-stranger.safetensors"
-    shutil.copyfile(comfy.models_dir / "checkpoints" / "soup-member-c.safetensors", stranger)
+    shutil.copyfile(tiny_sd15.checkpoint(0), stranger)  # the base itself: same layout, not a member
     temp = Path(soup.path).parent
     files_before = sorted(p.name for p in temp.iterdir())
     with pytest.raises(ValueError, match="Soup Remove Shard: input 'checkpoint'.*not a member"):
