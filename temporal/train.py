@@ -196,6 +196,25 @@ def raw_load_layers(module: nn.Module, path: str) -> dict:
         return dict(f.metadata() or {})
 
 
+def video_ldm_io(frames: int, base: str | None = None) -> tuple[SaveLayers, LoadLayers]:
+    """Layers writer/reader in the project's Video-LDM-style format (:mod:`temporal.formats`).
+
+    The writer records ``frames`` (the clip length trained on) and the training metadata;
+    the reader loads the weights into an existing :class:`MotionModule` (strict).
+    """
+    from . import formats
+
+    def save(module: nn.Module, path: str, metadata: dict) -> None:
+        formats.save_layers(module, path, frames=frames, base=base, extra={k: str(v) for k, v in metadata.items()})
+
+    def load(module: nn.Module, path: str) -> dict:
+        sd, meta = formats.read_safetensors(path)
+        module.load_state_dict(sd, strict=True)
+        return meta
+
+    return save, load
+
+
 def optim_path_for(layers_path: str | Path) -> Path:
     p = Path(layers_path)
     stem = p.name[: -len(".safetensors")] if p.name.endswith(".safetensors") else p.name
@@ -211,7 +230,7 @@ def _sha256(path: str | Path) -> str:
 
 
 def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
 
 
 def _named_trainable(temporal: nn.Module) -> list[tuple[str, nn.Parameter]]:
