@@ -133,14 +133,18 @@ class ComfyClient:
                 elif kind == "execution_interrupted":
                     raise ComfyError(f"interrupted at node {data.get('node_id')} ({data.get('node_type')})")
                 elif kind == "executing" and data.get("node") is None and data.get("prompt_id") == prompt_id:
-                    break
-                elif kind == "execution_success":
+                    # Sent after the history is written; "execution_success" comes before it.
                     break
         finally:
             if bar is not None:
                 bar.close()
             ws.close()
         hist = self.history(prompt_id)
+        for _ in range(20):  # a server that answers out of order: give the history a moment
+            if hist:
+                break
+            time.sleep(0.25)
+            hist = self.history(prompt_id)
         status = hist.get("status", {})
         if status.get("status_str") == "error":
             raise ComfyError(f"workflow failed: {json.dumps(status.get('messages', []))[:2000]}")
