@@ -72,9 +72,38 @@ class PositionalEncoding(nn.Module):
 
 # --- attention over frames -------------------------------------------------------------------
 
+_BACKEND = {"name": "sdpa"}
+
+
+def attention_backends() -> list[str]:
+    """``sdpa`` always; ``xformers`` when the package imports."""
+    try:
+        import xformers.ops  # noqa: F401
+    except ImportError:
+        return ["sdpa"]
+    return ["sdpa", "xformers"]
+
+
+def set_attention_backend(name: str) -> None:
+    """Choose how temporal attention runs: torch SDPA (default) or xformers' memory-efficient kernel."""
+    if name not in attention_backends():
+        raise ValueError(f"attention backend {name!r} is not available here; have {attention_backends()}")
+    _BACKEND["name"] = name
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``(n, heads, t, d)`` attention through the selected backend."""
+    if _BACKEND["name"] == "xformers":
+        import xformers.ops
+
+        out = xformers.ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 
 class TemporalSelfAttention(nn.Module):
-    """Multi-head self-attention over frames through torch SDPA (xformers/flash where torch picks)."""
+    """Multi-head self-attention over frames (torch SDPA, or xformers: :func:`set_attention_backend`)."""
 
     def __init__(self, dim: int, heads: int, max_len: int, use_positions: bool = True):
         super().__init__()
@@ -94,7 +123,7 @@ class TemporalSelfAttention(nn.Module):
         def split(y: torch.Tensor) -> torch.Tensor:
             return y.view(n, t, h, c // h).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x)))
+        out = _attention(split(self.to_q(x)), split(self.to_k(x)), split(self.to_v(x)))
         out = out.transpose(1, 2).reshape(n, t, c)
         return self.to_out[1](self.to_out[0](out))
 

@@ -1,0 +1,292 @@
+"""Temporal layers in ComfyUI: load AnimateDiff motion modules or Compartments layers, apply them to a MODEL.
+
+Injection uses ModelPatcher hooks only, on a clone: one ``add_object_patch`` per UNet block
+that gets a temporal layer (a copy of the block's ``TimestepEmbedSequential`` that keeps the
+original children under their original names, so LoRA/soup weight patches still find their
+keys, plus a ``MotionSlot`` before any upsampler), one ``forward_timestep_embed_patch`` that
+runs the slots, an ``outer_sample`` wrapper that checks the frame count before sampling, and
+core's ``IndexListContextHandler`` (driven by ``temporal.context``) for sliding windows.
+Object patches are undone when ComfyUI unpatches the model, so unloading removes the layers.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import comfy.context_windows
+import comfy.patcher_extension
+from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, Upsample
+from comfy_api.latest import io
+
+from ..temporal.context import BLENDS, blend_weights, windows
+from ..temporal.formats import FormatError, MotionInfo, load_layers, load_motion_module
+from ..temporal.inject import (
+    LayoutMismatch,
+    MotionSlot,
+    check_compatible,
+    parse_alpha_overrides,
+    timestep_embed_handler,
+)
+from ..temporal.layers import Layout, MotionModule, layout_of_unet
+from . import _host
+from ._host import InputError
+
+ANIMATEDIFF_FOLDER = "animatediff_models"
+LAYERS_FOLDER = "temporal_layers"
+_host.register_model_folder(ANIMATEDIFF_FOLDER)
+_host.register_model_folder(LAYERS_FOLDER)
+
+MotionType = io.Custom("COMPARTMENTS_TEMPORAL")
+CATEGORY = "Compartments/Temporal"
+WRAPPER_KEY = "compartments_temporal"
+
+
+@dataclass
+class LoadedTemporal:
+    """What flows on a COMPARTMENTS_TEMPORAL wire: the layers, what they are, where from."""
+
+    module: MotionModule
+    info: MotionInfo
+    name: str
+    frames: int | None = None
+
+
+def _files(folder: str) -> list[str]:
+    import folder_paths
+
+    return [f for f in folder_paths.get_filename_list(folder) if f.endswith(".safetensors")]
+
+
+def _load(folder: str, name: str, node: str, input_name: str) -> LoadedTemporal:
+    path = _host.resolve_file(folder, name, node, input_name)
+    try:
+        if folder == LAYERS_FOLDER:
+            module, info, meta = load_layers(path)
+            frames = int(meta.get("frames", 0)) or None
+        else:
+            module, info = load_motion_module(path)
+            frames = None
+    except FormatError as exc:
+        raise InputError(node, input_name, f"'{name}': {exc}",
+                         "pick an AnimateDiff motion module (SD1.5 v1/v2/v3, SDXL) or Compartments layers.") from exc
+    module.eval().requires_grad_(False)
+    return LoadedTemporal(module, info, name, frames)
+
+
+class LoadMotionModule(io.ComfyNode):
+    """AnimateDiff motion module from models/animatediff_models (original or diffusers layout)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CompartmentsLoadMotionModule",
+            display_name="Load Motion Module (AnimateDiff)",
+            category=CATEGORY,
+            description="Loads an AnimateDiff motion module (SD1.5 v1/v2/v3 or SDXL, original or diffusers "
+                        "MotionAdapter keys, detected from the file) as temporal layers.",
+            inputs=[io.Combo.Input("motion_module", options=_files(ANIMATEDIFF_FOLDER),
+                                   tooltip="A .safetensors file in models/animatediff_models.")],
+            outputs=[MotionType.Output(display_name="temporal_layers")],
+        )
+
+    @classmethod
+    def execute(cls, motion_module: str) -> io.NodeOutput:
+        return io.NodeOutput(_load(ANIMATEDIFF_FOLDER, motion_module, "CompartmentsLoadMotionModule", "motion_module"))
+
+
+class LoadTemporalLayers(io.ComfyNode):
+    """Compartments (Video LDM style) temporal layers from models/temporal_layers."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CompartmentsLoadTemporalLayers",
+            display_name="Load Temporal Layers",
+            category=CATEGORY,
+            description="Loads temporal layers saved by Compartments (attention and 3D-conv blocks with learned "
+                        "alphas; the header names the base model and frame count).",
+            inputs=[io.Combo.Input("temporal_layers", options=_files(LAYERS_FOLDER),
+                                   tooltip="A .safetensors file in models/temporal_layers.")],
+            outputs=[MotionType.Output(display_name="temporal_layers")],
+        )
+
+    @classmethod
+    def execute(cls, temporal_layers: str) -> io.NodeOutput:
+        return io.NodeOutput(_load(LAYERS_FOLDER, temporal_layers, "CompartmentsLoadTemporalLayers", "temporal_layers"))
+
+
+# --- injection --------------------------------------------------------------------------------------------
+
+
+def model_layout(model: Any, mid: bool, node: str) -> Layout:
+    """The UNet layout of a ComfyUI MODEL; InputError when it is not an openaimodel UNet."""
+    dm = model.get_model_object("diffusion_model")
+    needed = ("model_channels", "channel_mult", "num_res_blocks", "input_blocks", "output_blocks")
+    if not all(hasattr(dm, a) for a in needed):
+        raise InputError(node, "model", f"{type(dm).__name__} is not a UNet (SD1.5/SDXL family).",
+                         "temporal layers attach to SD1.5 or SDXL UNets.")
+    return layout_of_unet(dm.model_channels, list(dm.channel_mult), list(dm.num_res_blocks), mid=mid)
+
+
+def _block_path(block: tuple[str, int]) -> str:
+    kind, i = block
+    return "diffusion_model.middle_block" if kind == "middle" else f"diffusion_model.{kind}_blocks.{i}"
+
+
+def _with_slot(block: Any, slot: MotionSlot, middle: bool) -> TimestepEmbedSequential:
+    """A copy of ``block`` whose original children keep their names, with ``slot`` inserted.
+
+    Input/output blocks: after the spatial layers, before an upsampler (diffusers order).
+    Middle block: after the transformer, before the second res block.
+    """
+    children = [(n, c) for n, c in block.named_children() if not isinstance(c, MotionSlot)]
+    if middle:
+        at = 2 if len(children) > 2 else len(children)
+    else:
+        at = next((i for i, (_, c) in enumerate(children) if isinstance(c, Upsample)), len(children))
+    children.insert(at, ("temporal", slot))
+    return TimestepEmbedSequential(OrderedDict(children))
+
+
+class FrameContextHandler(comfy.context_windows.IndexListContextHandler):
+    """Core's handler over the latent batch (dim 0).
+
+    Core's ``set_step`` compares ``sample_sigmas`` with the whole per-sample timestep vector,
+    which only broadcasts when the batch is 1 (video models with a time dim); with frames
+    as the batch every frame carries the same sigma, so the first one identifies the step.
+    """
+
+    def set_step(self, timestep: Any, model_options: dict) -> None:
+        super().set_step(timestep[:1], model_options)
+
+
+def _schedule(num_frames: int, handler: Any, model_options: dict, **_: Any) -> list[list[int]]:
+    return windows(num_frames, handler.context_length, handler.context_overlap)
+
+
+def _fuse_for(method: str):
+    def weights(length: int, full_length: int, idxs: list[int], handler: Any, **_: Any) -> list[float]:
+        return blend_weights(length, method, handler.context_overlap, first=min(idxs) == 0,
+                             last=max(idxs) == full_length - 1)
+
+    return weights
+
+
+def inject(model: Any, loaded: LoadedTemporal, frame_count: int, context_length: int = 0, context_overlap: int = 4,
+           context_blend: str = "pyramid", alpha: float = -1.0, alpha_overrides: str = "",
+           node: str = "CompartmentsApplyTemporalLayers") -> Any:
+    """Validate everything a user can get wrong, then return a patched clone of ``model``."""
+    module = loaded.module
+    if frame_count < 1:
+        raise InputError(node, "frame_count", f"must be at least 1, got {frame_count}.",
+                         "set it to the number of frames (the latent batch size).")
+    layout = model_layout(model, module.layout.mid, node)
+    try:
+        check_compatible(module.layout, layout)
+    except LayoutMismatch as exc:
+        raise InputError(node, "temporal_layers", str(exc) + ".",
+                         f"load a motion module made for {layout.name} (e.g. an SD1.5 module for an SD1.5 "
+                         "checkpoint, the SDXL one for SDXL).") from exc
+    if context_length < 0:
+        raise InputError(node, "context_length", f"must be 0 (off) or more, got {context_length}.")
+    if context_length > 0:
+        if context_overlap >= context_length:
+            raise InputError(node, "context_overlap",
+                             f"{context_overlap} must be smaller than context_length ({context_length}).",
+                             f"use at most {context_length - 1}, e.g. {context_length // 4}.")
+        if context_overlap < 0:
+            raise InputError(node, "context_overlap", f"must be 0 or more, got {context_overlap}.")
+        if frame_count < context_length:
+            raise InputError(node, "frame_count",
+                             f"the video has {frame_count} frames, fewer than context_length ({context_length}).",
+                             "make context_length at most the frame count, or 0 to switch windows off.")
+        if context_length > module.max_frames:
+            raise InputError(node, "context_length",
+                             f"{context_length} exceeds the layers' native {module.max_frames} frames.",
+                             f"use {module.max_frames} or less.")
+    elif frame_count > module.max_frames:
+        raise InputError(node, "frame_count",
+                         f"{frame_count} frames exceed the layers' native {module.max_frames} frames.",
+                         f"set context_length to {min(16, module.max_frames)} (sliding windows) for long videos.")
+    if context_blend not in BLENDS:
+        raise InputError(node, "context_blend", f"unknown '{context_blend}'.", f"use one of {list(BLENDS)}.")
+    if alpha > 1.0 or (alpha < 0.0 and alpha != -1.0):
+        raise InputError(node, "alpha", f"{alpha} is outside 0..1.", "use 0..1, or -1 for the layers' own alphas.")
+    keys = [s.key for s in module.layout.slots]
+    try:
+        per_layer = parse_alpha_overrides(alpha_overrides, keys)
+    except ValueError as exc:
+        raise InputError(node, "alpha_overrides", str(exc) + ".",
+                         "write NAME=VALUE pairs, e.g. 'down_blocks=0.5, up_blocks.1.motion_modules.0=1'.") from exc
+
+    m = model.clone()
+    layers = module.layers()
+    for slot in module.layout.slots:
+        a = per_layer.get(slot.key, None if alpha < 0 else alpha)
+        path = _block_path(slot.block)
+        motion = MotionSlot(layers[slot.key], slot.key, a)
+        m.add_object_patch(path, _with_slot(m.get_model_object(path), motion, slot.block[0] == "middle"))
+    existing = m.model_options.get("transformer_options", {}).get("patches", {}).get("forward_timestep_embed_patch", [])
+    if not any(cls is MotionSlot for cls, _ in existing):
+        m.set_model_forward_timestep_embed_patch((MotionSlot, timestep_embed_handler))
+
+    def check_batch(executor: Any, noise: Any, *args: Any, **kwargs: Any) -> Any:
+        frames = int(noise.shape[0])
+        if frames != frame_count:
+            raise InputError(node, "frame_count",
+                             f"is {frame_count} but the latent batch holds {frames} frames.",
+                             "frames are the latent batch: set the empty latent's batch_size to frame_count.")
+        return executor(noise, *args, **kwargs)
+
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, check_batch)
+    if 0 < context_length < frame_count:
+        m.model_options["context_handler"] = FrameContextHandler(
+            context_schedule=comfy.context_windows.ContextSchedule("compartments_uniform", _schedule),
+            fuse_method=comfy.context_windows.ContextFuseMethod(f"compartments_{context_blend}",
+                                                                _fuse_for(context_blend)),
+            context_length=context_length, context_overlap=context_overlap, dim=0)
+        comfy.context_windows.create_prepare_sampling_wrapper(m)
+    return m
+
+
+class ApplyTemporalLayers(io.ComfyNode):
+    """Turn an image MODEL into a video MODEL: temporal layers after its spatial blocks."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CompartmentsApplyTemporalLayers",
+            display_name="Apply Temporal Layers",
+            category=CATEGORY,
+            description="Inserts temporal layers (motion module) into the model; the latent batch is the frames. "
+                        "Sliding context windows let videos run longer than the layers' native frame count.",
+            inputs=[
+                io.Model.Input("model"),
+                MotionType.Input("temporal_layers"),
+                io.Int.Input("frame_count", default=16, min=1, max=4096,
+                             tooltip="Frames in the video = the latent batch size."),
+                io.Int.Input("context_length", default=0, min=0, max=64,
+                             tooltip="Frames per sliding window; 0 = off (the whole video in one pass)."),
+                io.Int.Input("context_overlap", default=4, min=0, max=63,
+                             tooltip="Frames shared by neighbouring windows (smaller than context_length)."),
+                io.Combo.Input("context_blend", options=list(BLENDS), default="pyramid",
+                               tooltip="How overlapping windows are averaged."),
+                io.Float.Input("alpha", default=-1.0, min=-1.0, max=1.0, step=0.01,
+                               tooltip="Mix of image path vs temporal path for every layer: 1 = image model, "
+                                       "0 = full temporal; -1 = the layers' own (0 for AnimateDiff)."),
+                io.String.Input("alpha_overrides", default="", multiline=True,
+                                tooltip="Per-layer alphas, e.g. 'down_blocks=0.5, mid_block=1'."),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model: Any, temporal_layers: LoadedTemporal, frame_count: int, context_length: int,
+                context_overlap: int, context_blend: str, alpha: float, alpha_overrides: str) -> io.NodeOutput:
+        return io.NodeOutput(inject(model, temporal_layers, frame_count, context_length, context_overlap,
+                                    context_blend, alpha, alpha_overrides, "CompartmentsApplyTemporalLayers"))
+
+
+NODES = [LoadMotionModule, LoadTemporalLayers, ApplyTemporalLayers]
