@@ -242,6 +242,9 @@ class TrainTemporalLayers(io.ComfyNode):
                                tooltip="Temporal layer types for new layers."),
                 io.Int.Input("save_every", default=0, min=0, max=1_000_000, optional=True,
                              tooltip="Also checkpoint every N steps (0: at the end and on Cancel only)."),
+                io.Int.Input("eval_draws", default=4, min=0, max=64, optional=True,
+                             tooltip="Fixed (noise, sigma) draws scored before and after training for an honest "
+                                     "loss comparison; each costs one forward pass."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL"),
@@ -253,7 +256,7 @@ class TrainTemporalLayers(io.ComfyNode):
     @classmethod
     def execute(cls, model, steps: int, lr: float, frames_per_clip: int, seed: int, save_name: str, resume: bool,
                 images=None, vae=None, latent=None, positive=None, layers: str = "attention + conv",
-                save_every: int = 0) -> io.NodeOutput:
+                save_every: int = 0, eval_draws: int = 4) -> io.NodeOutput:
         if not save_name.strip():
             raise _host.InputError(NODE, "save_name", "is empty.", "give a name such as temporal_train/my_layers.")
         save_to = _host.save_path(FOLDER, save_name.strip(), NODE, "save_name")
@@ -265,7 +268,8 @@ class TrainTemporalLayers(io.ComfyNode):
         if latents.shape[0] < frames_per_clip:
             raise _host.InputError(NODE, "frames_per_clip", f"the clip has {latents.shape[0]} frames, fewer than "
                                    f"frames_per_clip={frames_per_clip}.", "give more frames or lower frames_per_clip.")
-        config = TrainConfig(steps=steps, lr=lr, frames_per_clip=frames_per_clip, seed=seed, save_every=save_every)
+        config = TrainConfig(steps=steps, lr=lr, frames_per_clip=frames_per_clip, seed=seed, save_every=save_every,
+                             eval_draws=eval_draws)
         try:
             trained, _, result = train_on_model(model, latents, positive, config, KINDS[layers], save_to, resume,
                                                 _host.progress(steps), log.info)

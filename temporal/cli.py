@@ -1,0 +1,108 @@
+"""``python -m compartments train-temporal``: fit temporal layers on a clip without a ComfyUI server.
+
+The image UNet, its model sampling and the VAE are ComfyUI's, so this command imports
+ComfyUI from ``--comfyui PATH`` (default ``$COMFYUI_PATH`` or ``~/ComfyUI``) in-process to
+load the checkpoint; no server is started and nothing is downloaded. The ComfyUI part lives
+in ``nodes/temporal_train.py`` (the same code path as the node); this module only parses
+arguments and reads the frames, and imports no ComfyUI module itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .data import FramesError, load_frames
+from .train import TrainConfig, TrainError, optim_path_for
+
+HELP = ("Train Video-LDM temporal layers on a video or image sequence with the image model frozen. "
+        "Imports ComfyUI from --comfyui PATH to load the checkpoint, VAE and model sampling "
+        "(the UNet is ComfyUI's); runs without a server. Ctrl-C saves the last completed step.")
+KINDS = {"attention+conv": ("attention", "conv"), "attention": ("attention",), "conv": ("conv",)}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train-temporal", help=HELP.split(". ")[0], description=HELP)
+    p.add_argument("--checkpoint", required=True, help="image model checkpoint (.safetensors, SD1.x/SDXL single file)")
+    p.add_argument("--frames", required=True,
+                   help="a folder of frames (sorted by name), an animated WEBP/GIF, or a video file (needs PyAV)")
+    p.add_argument("--out", required=True,
+                   help="layers file to write (.safetensors); the optimizer state goes beside it as .optim.safetensors")
+    p.add_argument("--comfyui", help="ComfyUI checkout to import (default: $COMFYUI_PATH or ~/ComfyUI)")
+    p.add_argument("--steps", type=int, default=200, help="total optimizer steps (a resumed run stops at this count)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
+    p.add_argument("--frames-per-clip", type=int, default=8, help="frames per training window")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default="", help="caption of the clip (default: zero conditioning)")
+    p.add_argument("--layers", choices=list(KINDS), default="attention+conv", help="temporal layer types")
+    p.add_argument("--width", type=int, help="resize frames to this width (with --height)")
+    p.add_argument("--height", type=int, help="resize frames to this height (with --width)")
+    p.add_argument("--max-frames", type=int, help="use at most this many frames")
+    p.add_argument("--stride", type=int, default=1, help="keep every n-th frame")
+    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from --out and its optimizer state")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    p.set_defaults(func=cmd_train_temporal)
+
+
+def _comfyui(path: str | None) -> Path:
+    cand = Path(os.path.expanduser(path or os.environ.get("COMFYUI_PATH") or "~/ComfyUI"))
+    if not (cand / "comfy").is_dir():
+        raise TrainError(f"--comfyui: no ComfyUI checkout at '{cand}'. Fix: pass --comfyui PATH of a checkout.")
+    return cand
+
+
+def cmd_train_temporal(args: argparse.Namespace) -> int:
+    try:
+        if not Path(args.checkpoint).is_file():
+            raise TrainError(f"--checkpoint: '{args.checkpoint}' does not exist.")
+        if not args.out.endswith(".safetensors"):
+            raise TrainError(f"--out: '{args.out}' must end in .safetensors (no pickle).")
+        if args.resume and not (Path(args.out).exists() and optim_path_for(args.out).exists()):
+            raise TrainError(f"--resume: '{args.out}' or its .optim.safetensors is missing. Fix: drop --resume.")
+        if (args.width is None) != (args.height is None):
+            raise TrainError("--width and --height go together.")
+        size = (args.width, args.height) if args.width else None
+        frames = load_frames(args.frames, size=size, max_frames=args.max_frames, stride=args.stride)
+        if frames.shape[0] < args.frames_per_clip:
+            raise TrainError(f"--frames: {frames.shape[0]} frames, fewer than --frames-per-clip "
+                             f"{args.frames_per_clip}. Fix: give more frames or lower --frames-per-clip.")
+        config = TrainConfig(steps=args.steps, lr=args.lr, frames_per_clip=args.frames_per_clip, seed=args.seed,
+                             save_every=args.save_every)
+        config.check()
+        root = _comfyui(args.comfyui)
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        from ..nodes._temporal_boot import boot
+
+        face = boot(cpu=args.cpu)
+    except (TrainError, FramesError) as exc:
+        print(f"compartments train-temporal: {exc}", file=sys.stderr)
+        return 2
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=args.steps, desc="train-temporal", unit="step", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.n = done
+        bar.refresh()
+
+    try:
+        result = face.train_headless(args.checkpoint, frames, args.out, config, prompt=args.prompt,
+                                     kinds=KINDS[args.layers], resume=args.resume, progress=progress)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"interrupted: the last completed step is saved in {args.out} (resume with --resume)", file=sys.stderr)
+        return 130
+    except (TrainError, FramesError, ValueError) as exc:
+        bar.close()
+        print(f"compartments train-temporal: {exc}", file=sys.stderr)
+        return 2
+    bar.close()
+    from .train import loss_report
+
+    print(loss_report(result))
+    return 0
