@@ -43,6 +43,7 @@ class Manifest:
     exact: bool
     souped_keys: int
     history: list[dict] = field(default_factory=list)
+    member_dtypes: list[str] = field(default_factory=list)  # storage dtypes seen in souped tensors
     format: str = FORMAT
 
     @property

@@ -54,11 +54,19 @@ class Entry:
         return self.end - self.start
 
 
+class SharedBuffer:
+    """One read buffer for several readers used in turn (a soup reads members one by one)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+
 class Reader:
     """Random access to one safetensors file, one tensor at a time, without mmap."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, buffer: SharedBuffer | None = None):
         self.path = Path(path)
+        self._shared = buffer or SharedBuffer()
         self._f = open(self.path, "rb")  # noqa: SIM115 - closed in close()
         try:
             raw = self._f.read(8)
@@ -83,17 +91,22 @@ class Reader:
                 raise FormatError(f"{self.path}: tensor '{key}' has unsupported dtype {info['dtype']}")
             a, b = info["data_offsets"]
             self.entries[key] = Entry(info["dtype"], tuple(info["shape"]), base + a, base + b)
-        self._buf = bytearray()
 
     def keys(self) -> list[str]:
         return list(self.entries)
 
-    def raw(self, key: str) -> memoryview:
-        """The tensor's bytes, in a buffer reused by the next call (copy if you keep it)."""
+    def raw(self, key: str, buffer: SharedBuffer | None = None) -> memoryview:
+        """The tensor's bytes, in a buffer reused by the next call (copy if you keep it).
+
+        ``buffer`` reads into another buffer than the reader's own (double buffering: one
+        thread reads the next member while the current one is being added).
+        """
         e = self.entries[key]
-        if len(self._buf) < e.nbytes:
-            self._buf = bytearray(e.nbytes)
-        view = memoryview(self._buf)[: e.nbytes]
+        sb = buffer or self._shared
+        if len(sb.data) < e.nbytes:
+            sb.data = bytearray()  # drop the old one first: never hold two
+            sb.data = bytearray(e.nbytes)
+        view = memoryview(sb.data)[: e.nbytes]
         self._f.seek(e.start)
         got = self._f.readinto(view)
         if got != e.nbytes:
@@ -198,6 +211,33 @@ class Writer:
             raise RuntimeError(f"writer: '{key}' has {buf.nbytes} bytes, planned {expect}")
         self._f.write(buf)
         self._actual.append((p.key, dtype, p.shape, buf.nbytes))
+        self._i += 1
+
+    def write_parts(self, key: str, dtype: str, parts: Iterable[torch.Tensor]) -> None:
+        """Write the next planned tensor from contiguous pieces (chunks of its flat data, in order).
+
+        Lets the engine convert and write a float64 accumulator chunk by chunk, so no second
+        full-size tensor (the float32 sum, the fp16 output) is ever materialised.
+        """
+        if self._i >= len(self._plan):
+            raise RuntimeError(f"writer: '{key}' was not planned")
+        p = self._plan[self._i]
+        if key != p.key:
+            raise RuntimeError(f"writer: expected '{p.key}' next, got '{key}'")
+        if not (dtype == p.dtype or (key in self._shrink and p.dtype == "F64" and dtype == "F32")):
+            raise RuntimeError(f"writer: '{key}' planned {p.dtype}, got {dtype}")
+        expect = p.nbytes * itemsize(dtype) // itemsize(p.dtype)
+        n = 0
+        for t in parts:
+            if NAMES.get(t.dtype) != dtype:
+                raise RuntimeError(f"writer: a part of '{key}' is {t.dtype}, not {dtype}")
+            if t.numel():
+                buf = memoryview(t.contiguous().view(torch.uint8).numpy())
+                self._f.write(buf)
+                n += buf.nbytes
+        if n != expect:
+            raise RuntimeError(f"writer: '{key}' got {n} bytes, planned {expect}")
+        self._actual.append((p.key, dtype, p.shape, n))
         self._i += 1
 
     def finish(self) -> None:

@@ -1,0 +1,226 @@
+"""Benchmark: streaming soup vs a naive load-everything soup vs a plain read of the same files.
+
+For N members of >= 512 MiB each (generated once, fp16, cached under --dir), every variant
+runs in its own subprocess so that its peak RSS (ru_maxrss of that process) is its own.
+Before each variant the member files are dropped from the page cache with
+posix_fadvise(DONTNEED), so every variant reads them COLD from disk (``--warm`` skips
+that). Prints one JSON line per figure:
+
+  {"benchmark": "soup", "figure": "peak_rss", "variant": "stream", "n": 8, "value": ..., "unit": "GB"}
+
+Figures: peak_rss (GB), throughput (GB of member data read per second), seconds, and
+remove_ratio = time(remove one shard from the N soup) / time(re-soup the N-1 others),
+target <= 3/N. ``--quick`` uses 64 MiB members and N = 2, 4 (CI-size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+GiB = 1024 ** 3
+
+
+def member_path(folder: Path, i: int, mib: int) -> Path:
+    return folder / f"bench-member-{mib}m-{i}.safetensors"
+
+
+def make_member(folder: Path, i: int, mib: int) -> Path:
+    """A UNet-like fp16 checkpoint of ``mib`` MiB: 4096x4096 blocks plus a small VAE tensor."""
+    import torch
+
+    from compartments.soup.st import Planned, atomic_writer
+
+    path = member_path(folder, i, mib)
+    if path.exists():
+        return path
+    rows = 4096
+    blocks = max(1, (mib * 1024 * 1024) // (rows * rows * 2))
+    plan = [Planned(f"model.diffusion_model.blocks.{b}.weight", "F16", (rows, rows)) for b in range(blocks)]
+    plan.append(Planned("first_stage_model.decoder.conv_in.weight", "F16", (512, 4, 3, 3)))
+    gen = torch.Generator().manual_seed(1000 + i)
+    base = torch.Generator().manual_seed(7)
+    with atomic_writer(path, plan, {"bench": "soup"}) as w:
+        for p in plan:
+            t = torch.randn(p.shape, generator=base) * 0.02  # shared "base"
+            t += torch.randn(p.shape, generator=gen) * 0.001  # this member's "fine-tune"
+            w.write(p.key, t.to(torch.float16))
+            del t
+    return path
+
+
+def drop_cache(paths: list[Path]) -> None:
+    for p in paths:
+        if not p.exists():
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+# ------------------------------------------------------------------ variants (child side)
+def v_read(paths: list[Path], out: Path) -> int:
+    buf = bytearray(64 * 1024 * 1024)
+    view = memoryview(buf)
+    total = 0
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                total += n
+    return total
+
+
+def v_stream(paths: list[Path], out: Path) -> int:
+    from compartments.soup import build_soup
+
+    build_soup(paths, out)
+    return sum(p.stat().st_size for p in paths)
+
+
+def v_stream_nosum(paths: list[Path], out: Path) -> int:
+    from compartments.soup import build_soup
+
+    build_soup(paths, out, keep_sum=False)
+    return sum(p.stat().st_size for p in paths)
+
+
+def v_naive(paths: list[Path], out: Path) -> int:
+    """What a merge script does: load every member whole, then average."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    sds = [load_file(str(p)) for p in paths]
+    soup = {}
+    for k in sds[0]:
+        acc = torch.zeros(sds[0][k].shape, dtype=torch.float32)
+        for sd in sds:
+            acc += sd[k].float()
+        soup[k] = (acc / len(sds)).to(sds[0][k].dtype)
+    save_file(soup, str(out))
+    return sum(p.stat().st_size for p in paths)
+
+
+def v_remove(paths: list[Path], out: Path) -> int:
+    from compartments.soup import remove_shard
+
+    remove_shard(out, paths[-1], out.with_name(out.stem + "-removed.safetensors"))
+    return out.stat().st_size + paths[-1].stat().st_size
+
+
+VARIANTS = {"read": v_read, "stream": v_stream, "stream_nosum": v_stream_nosum, "naive": v_naive, "remove": v_remove}
+
+
+def peak_rss() -> int:
+    """VmHWM of this process image, in bytes.
+
+    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: Linux carries the pre-exec high-water mark of
+    the forked parent into it, which would charge the benchmark driver to every variant.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(args: argparse.Namespace) -> int:
+    paths = [Path(p) for p in args.paths]
+    if args.child != "read":  # import torch & co. before the clock starts; the read variant needs none
+        import safetensors.torch  # noqa: F401
+
+        import compartments.soup  # noqa: F401
+    base = peak_rss()
+    t0 = time.perf_counter()
+    nbytes = VARIANTS[args.child](paths, Path(args.out))
+    dt = time.perf_counter() - t0
+    print(json.dumps({"seconds": dt, "bytes": nbytes, "peak_rss": peak_rss(), "baseline_rss": base}))
+    return 0
+
+
+# ------------------------------------------------------------------ parent side
+def run_variant(name: str, paths: list[Path], out: Path, warm: bool, extra_cold: list[Path] = ()) -> dict:
+    if not warm:
+        drop_cache([*paths, *extra_cold])
+    cmd = [sys.executable, __file__, "--child", name, "--out", str(out), "--paths", *map(str, paths)]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"variant {name} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def emit(**fields) -> None:
+    print(json.dumps({"benchmark": "soup", **fields}), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="64 MiB members, N = 2, 4")
+    ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "compartments-bench-soup")
+    ap.add_argument("--mib", type=int, help="member size in MiB (default 512, quick 64)")
+    ap.add_argument("--n", type=int, nargs="+", help="member counts (default 2 4 8, quick 2 4)")
+    ap.add_argument("--warm", action="store_true", help="do not drop the page cache between variants")
+    ap.add_argument("--skip-naive-above", type=int, default=8, help="skip the naive variant above this N")
+    ap.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--paths", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return child(args)
+
+    mib = args.mib or (64 if args.quick else 512)
+    ns = args.n or ([2, 4] if args.quick else [2, 4, 8])
+    args.dir.mkdir(parents=True, exist_ok=True)
+    members = [make_member(args.dir, i, mib) for i in range(max(ns))]
+    size = members[0].stat().st_size
+    cache = "warm page cache" if args.warm else "cold (posix_fadvise DONTNEED before each variant)"
+    common = {"member_gb": round(size / GiB, 3), "cache": cache, "cpu_threads": int(os.environ.get("OMP_NUM_THREADS", "1"))}
+    for n in ns:
+        paths = members[:n]
+        soup = args.dir / f"soup-{n}.safetensors"
+        rest = args.dir / f"rest-{n}.safetensors"
+        results = {}
+        for name in ("read", "stream", "stream_nosum", "naive"):
+            if name == "naive" and n > args.skip_naive_above:
+                continue
+            out = soup if name == "stream" else args.dir / f"scratch-{name}.safetensors"
+            r = run_variant(name, paths, out, args.warm)
+            results[name] = r
+            emit(figure="peak_rss", variant=name, n=n, value=round(r["peak_rss"] / GiB, 3), unit="GB",
+                 ratio_to_member=round(r["peak_rss"] / size, 3), baseline_gb=round(r["baseline_rss"] / GiB, 3),
+                 target="< 1.5 x member at N=8" if name == "stream" else "", **common)
+            emit(figure="throughput", variant=name, n=n, value=round(r["bytes"] / r["seconds"] / GiB, 3),
+                 unit="GB/s", seconds=round(r["seconds"], 2), **common)
+        read_tp = results["read"]["bytes"] / results["read"]["seconds"]
+        stream_tp = results["stream"]["bytes"] / results["stream"]["seconds"]
+        emit(figure="stream_vs_read", n=n, value=round(stream_tp / read_tp, 3), unit="ratio", target=">= 0.7", **common)
+        nosum_tp = results["stream_nosum"]["bytes"] / results["stream_nosum"]["seconds"]
+        emit(figure="stream_nosum_vs_read", n=n, value=round(nosum_tp / read_tp, 3), unit="ratio", target=">= 0.7",
+             **common)
+        if n >= 3:
+            rem = run_variant("remove", paths, soup, args.warm, [soup])
+            resoup = run_variant("stream", paths[:-1], rest, args.warm)
+            emit(figure="remove_seconds", n=n, value=round(rem["seconds"], 2), unit="s",
+                 peak_rss_gb=round(rem["peak_rss"] / GiB, 3), **common)
+            emit(figure="remove_ratio", n=n, value=round(rem["seconds"] / resoup["seconds"], 3), unit="ratio",
+                 target=f"<= {3 / n:.3f}", resoup_seconds=round(resoup["seconds"], 2), **common)
+        for p in args.dir.glob("scratch-*"):
+            p.unlink()
+        for p in (soup, rest, soup.with_name(soup.stem + "-removed.safetensors")):
+            if p.exists():
+                p.unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
