@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import Callable
 
 import comfy.model_management
@@ -22,12 +21,11 @@ import comfy.model_sampling
 import comfy.samplers
 import comfy_extras.nodes_custom_sampler
 import torch
-from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, Upsample
 from comfy_api.latest import io
 
 from ..temporal import formats
 from ..temporal.inject import LayoutMismatch, MotionSlot, check_compatible, timestep_embed_handler
-from ..temporal.layers import MotionModule, layout_of_unet
+from ..temporal.layers import MotionModule
 from ..temporal.train import (
     TrainConfig,
     TrainError,
@@ -38,11 +36,11 @@ from ..temporal.train import (
     video_ldm_io,
 )
 from . import _host
+from . import temporal as temporal_nodes
 
 NODE = "CompartmentsTemporalTrain"
 FOLDER = "temporal_layers"
 KINDS = {"attention + conv": ("attention", "conv"), "attention": ("attention",), "conv": ("conv",)}
-BLOCK_ATTR = {"input": "input_blocks", "middle": "middle_block", "output": "output_blocks"}
 
 _host.register_model_folder(FOLDER)
 log = logging.getLogger("compartments.temporal_train")
@@ -50,38 +48,27 @@ log = logging.getLogger("compartments.temporal_train")
 
 # --- MODEL plumbing -------------------------------------------------------------------------------
 def model_layout(model):
-    """The temporal :class:`Layout` for a MODEL's UNet (openaimodel UNets only)."""
-    cfg = getattr(model.model, "model_config", None)
-    unet = getattr(cfg, "unet_config", None) or {}
-    if "model_channels" not in unet or "channel_mult" not in unet:
-        raise _host.InputError(NODE, "model", f"{type(model.model).__name__} is not a UNet with input/middle/"
-                               "output blocks; temporal layers fit SD1.x / SD2.x / SDXL UNets.",
-                               "load an SD1.5 or SDXL checkpoint.")
-    return layout_of_unet(unet["model_channels"], unet["channel_mult"], unet["num_res_blocks"])
+    """The temporal :class:`Layout` for a MODEL's UNet (openaimodel UNets only), with a mid-block slot."""
+    return temporal_nodes.model_layout(model, True, NODE)
 
 
 def apply_layers(model, module: MotionModule):
     """A clone of ``model`` with ``module``'s layers after their spatial blocks (official hooks only).
 
-    Each UNet block with a slot is replaced (object patch, undone on unload) by a
-    TimestepEmbedSequential holding the same spatial layers plus a :class:`MotionSlot`
-    placed before any upsampler; core calls the slot through ``forward_timestep_embed_patch``.
-    The layers are shared, not copied: training ``module`` changes what the clone computes.
+    Placement is ``nodes/temporal.py``'s (same block paths, same position in each block,
+    spatial children keep their names so LoRA keys still resolve), so layers trained here
+    act exactly as when loaded with Load Temporal Layers + Apply Temporal Layers. The layers
+    are shared, not copied: training ``module`` changes what the clone computes.
     """
     mp = model.clone()
+    layers = module.layers()
     for slot in module.layout.slots:
-        kind, index = slot.block
-        attr = BLOCK_ATTR[kind]
-        key = f"diffusion_model.{attr}" if kind == "middle" else f"diffusion_model.{attr}.{index}"
-        block = mp.get_model_object(key)
-        # Keep the spatial children under their own names ("0", "1", "2"...) so that weight keys
-        # (LoRA patches, weight wrappers) still resolve; the slot is named "temporal".
-        items = [(n, c) for n, c in block._modules.items() if not isinstance(c, MotionSlot)]
-        at = len(items) - 1 if items and isinstance(items[-1][1], Upsample) else len(items)
-        ordered = OrderedDict(items[:at] + [("temporal", MotionSlot(module.layer(slot.key), slot.key))] + items[at:])
-        mp.add_object_patch(key, TimestepEmbedSequential(ordered))
+        path = temporal_nodes._block_path(slot.block)
+        motion = MotionSlot(layers[slot.key], slot.key)
+        mp.add_object_patch(path, temporal_nodes._with_slot(mp.get_model_object(path), motion,
+                                                            slot.block[0] == "middle"))
     patches = mp.model_options.get("transformer_options", {}).get("patches", {})
-    if (MotionSlot, timestep_embed_handler) not in patches.get("forward_timestep_embed_patch", []):
+    if not any(cls is MotionSlot for cls, _ in patches.get("forward_timestep_embed_patch", [])):
         mp.set_model_forward_timestep_embed_patch((MotionSlot, timestep_embed_handler))
     return mp
 

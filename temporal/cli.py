@@ -42,6 +42,8 @@ def register(sub) -> None:
     p.add_argument("--max-frames", type=int, help="use at most this many frames")
     p.add_argument("--stride", type=int, default=1, help="keep every n-th frame")
     p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
+    p.add_argument("--eval-draws", type=int, default=4,
+                   help="fixed (noise, sigma) draws scored before and after training (0: none)")
     p.add_argument("--resume", action="store_true", help="continue from --out and its optimizer state")
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     p.set_defaults(func=cmd_train_temporal)
@@ -70,7 +72,7 @@ def cmd_train_temporal(args: argparse.Namespace) -> int:
             raise TrainError(f"--frames: {frames.shape[0]} frames, fewer than --frames-per-clip "
                              f"{args.frames_per_clip}. Fix: give more frames or lower --frames-per-clip.")
         config = TrainConfig(steps=args.steps, lr=args.lr, frames_per_clip=args.frames_per_clip, seed=args.seed,
-                             save_every=args.save_every)
+                             save_every=args.save_every, eval_draws=args.eval_draws)
         config.check()
         root = _comfyui(args.comfyui)
         if str(root) not in sys.path:
