@@ -174,9 +174,12 @@ def train_on_model(model, latents: torch.Tensor, positive: list | None, config: 
             guider.sample(torch.zeros_like(latents), latents, sampler, torch.tensor([sigma_max, 0.0]),
                           seed=config.seed, disable_pbar=True)
         finally:
-            for p, f in zip(base_params, flags, strict=True):
-                p.requires_grad_(f)
             module.requires_grad_(False)
+    # Outside inference_mode(False): weights loaded in inference mode (as ComfyUI loads them)
+    # only take their requires_grad flag back from within inference mode, where we now are.
+    for p, f in zip(base_params, flags, strict=True):
+        if p.requires_grad != f and (torch.is_inference_mode_enabled() or not p.is_inference()):
+            p.requires_grad_(f)
     return trained, module, sampler.result
 
 

@@ -332,7 +332,8 @@ def freeze(spatial: Iterable[nn.Parameter], temporal: nn.Module) -> list[nn.Para
     for p in spatial:
         if id(p) in ids:
             raise TrainError("a temporal parameter is also listed as spatial; only temporal layers may train.")
-        p.requires_grad_(False)
+        if p.requires_grad:
+            p.requires_grad_(False)
     for p in trainable:
         p.requires_grad_(True)
     if not trainable:

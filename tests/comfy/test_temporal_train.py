@@ -51,6 +51,7 @@ def test_loss_goes_down_and_spatial_weights_do_not_change(comfy, sd15, trained):
     (model_out, report, curve), before = trained
     model = sd15[0]
     assert _digest(model, before[0]) == before, "a spatial (image) weight changed"
+    print(report)
     lines = report.splitlines()
     assert lines[0] == f"steps: {STEPS}"
     import json
@@ -78,21 +79,22 @@ def test_trained_model_samples_a_video(comfy, trained):
     assert torch.isfinite(samples["samples"]).all()
 
 
-def test_command_trains_resumes_and_handles_inference_mode_weights(comfy, tmp_path, capsys):
-    """``python -m compartments train-temporal`` in-process, loaded under inference mode as a server does."""
+def test_command_trains_with_weights_loaded_in_inference_mode(comfy, tmp_path, capsys):
+    """``python -m compartments train-temporal`` in-process, the checkpoint loaded under inference
+    mode as ComfyUI's executor does (autograd cannot save such tensors: the node must cope).
+    Resume is proven bitwise at tier 1; here one step checks the command's plumbing."""
     from compartments.cli import main
     from compartments.temporal.data import save_frames
     from compartments.tiny import sd15 as tiny_sd15
 
     save_frames(moving_square(frames=4, size=32, square=8), tmp_path / "frames")
     out = tmp_path / "layers.safetensors"
-    common = ["train-temporal", "--checkpoint", str(tiny_sd15.checkpoint()), "--frames", str(tmp_path / "frames"),
-              "--out", str(out), "--comfyui", str(comfy.path), "--frames-per-clip", "2", "--lr", "1e-3",
-              "--eval-draws", "1", "--cpu"]
-    with torch.inference_mode():  # ComfyUI executes nodes (and so loads checkpoints) in inference mode
-        assert main([*common, "--steps", "1"]) == 0
-        assert main([*common, "--steps", "2", "--resume"]) == 0
-    text = capsys.readouterr().out
-    assert "steps: 2 (resumed from 1)" in text
+    args = ["train-temporal", "--checkpoint", str(tiny_sd15.checkpoint()), "--frames", str(tmp_path / "frames"),
+            "--out", str(out), "--comfyui", str(comfy.path), "--frames-per-clip", "2", "--lr", "1e-3",
+            "--eval-draws", "0", "--steps", "1", "--cpu"]
+    with torch.inference_mode():
+        assert main(args) == 0
+    assert "steps: 1" in capsys.readouterr().out
     with safe_open(str(out), "pt") as f:
-        assert f.metadata()["train_step"] == "2"
+        assert f.metadata()["train_step"] == "1"
+    assert (tmp_path / "layers.optim.safetensors").exists()
