@@ -6,9 +6,9 @@ Before each variant the member files are dropped from the page cache with
 posix_fadvise(DONTNEED), so every variant reads them COLD from disk (``--warm`` skips
 that). Prints one JSON line per figure:
 
-  {"benchmark": "soup", "figure": "peak_rss", "variant": "stream", "n": 8, "value": ..., "unit": "GB"}
+  {"benchmark": "soup", "figure": "peak_rss", "variant": "stream", "n": 8, "value": ..., "unit": "GiB"}
 
-Figures: peak_rss (GB), throughput (GB of member data read per second), seconds, and
+Figures: peak_rss (GiB), throughput (GiB of member data read per second), seconds, and
 remove_ratio = time(remove one shard from the N soup) / time(re-soup the N-1 others),
 target <= 3/N. ``--quick`` uses 64 MiB members and N = 2, 4 (CI-size).
 """
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     members = [make_member(args.dir, i, mib) for i in range(max(ns))]
     size = members[0].stat().st_size
     cache = "warm page cache" if args.warm else "cold (posix_fadvise DONTNEED before each variant)"
-    common = {"member_gb": round(size / GiB, 3), "cache": cache, "cpu_threads": int(os.environ.get("OMP_NUM_THREADS", "1"))}
+    common = {"member_gib": round(size / GiB, 3), "member_mb": round(size / 1e6), "cache": cache, "cpu_threads": int(os.environ.get("OMP_NUM_THREADS", "1"))}
     for n in ns:
         paths = members[:n]
         soup = args.dir / f"soup-{n}.safetensors"
@@ -196,11 +196,11 @@ def main(argv: list[str] | None = None) -> int:
             out = soup if name == "stream" else args.dir / f"scratch-{name}.safetensors"
             r = run_variant(name, paths, out, args.warm)
             results[name] = r
-            emit(figure="peak_rss", variant=name, n=n, value=round(r["peak_rss"] / GiB, 3), unit="GB",
-                 ratio_to_member=round(r["peak_rss"] / size, 3), baseline_gb=round(r["baseline_rss"] / GiB, 3),
+            emit(figure="peak_rss", variant=name, n=n, value=round(r["peak_rss"] / GiB, 3), unit="GiB",
+                 ratio_to_member=round(r["peak_rss"] / size, 3), baseline_gib=round(r["baseline_rss"] / GiB, 3),
                  target="< 1.5 x member at N=8" if name == "stream" else "", **common)
             emit(figure="throughput", variant=name, n=n, value=round(r["bytes"] / r["seconds"] / GiB, 3),
-                 unit="GB/s", seconds=round(r["seconds"], 2), **common)
+                 unit="GiB/s", seconds=round(r["seconds"], 2), **common)
         read_tp = results["read"]["bytes"] / results["read"]["seconds"]
         stream_tp = results["stream"]["bytes"] / results["stream"]["seconds"]
         emit(figure="stream_vs_read", n=n, value=round(stream_tp / read_tp, 3), unit="ratio", target=">= 0.7", **common)
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             rem = run_variant("remove", paths, soup, args.warm, [soup])
             resoup = run_variant("stream", paths[:-1], rest, args.warm)
             emit(figure="remove_seconds", n=n, value=round(rem["seconds"], 2), unit="s",
-                 peak_rss_gb=round(rem["peak_rss"] / GiB, 3), **common)
+                 peak_rss_gib=round(rem["peak_rss"] / GiB, 3), **common)
             emit(figure="remove_ratio", n=n, value=round(rem["seconds"] / resoup["seconds"], 3), unit="ratio",
                  target=f"<= {3 / n:.3f}", resoup_seconds=round(resoup["seconds"], 2), **common)
         for p in args.dir.glob("scratch-*"):
