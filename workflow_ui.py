@@ -56,6 +56,21 @@ def _depths(api: dict) -> dict[str, int]:
     return depth
 
 
+def _height(info: dict) -> int:
+    """Roughly the height the editor gives the node, so that columns do not overlap."""
+    slots, widgets = 0, 0
+    for _name, spec in _ordered_inputs(info):
+        typ = _spec_type(spec)
+        opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+        if typ not in WIDGET_TYPES:
+            slots += 1
+        elif typ == "STRING" and opts.get("multiline"):
+            widgets += 5
+        else:
+            widgets += 1 + bool(opts.get("control_after_generate"))
+    return 36 + 22 * max(slots, len(info.get("output", []))) + 26 * widgets
+
+
 def api_to_ui(api: dict, object_info: dict) -> dict:
     missing = sorted({n["class_type"] for n in api.values()} - set(object_info))
     if missing:
@@ -64,20 +79,21 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
     order = sorted(api, key=lambda n: (depth[n], int(n) if n.isdigit() else n))
     nodes: dict[str, dict] = {}
     links: list[list] = []
-    rows: dict[int, int] = {}
+    next_y: dict[int, int] = {}
     for i, nid in enumerate(order):
         node = api[nid]
         info = object_info[node["class_type"]]
         col = depth[nid]
-        row = rows.get(col, 0)
-        rows[col] = row + 1
+        height = _height(info)
+        y = next_y.get(col, 40)
+        next_y[col] = y + height + 60
         outputs = [
             {"name": name, "type": typ, "links": [], "slot_index": s}
             for s, (typ, name) in enumerate(zip(info.get("output", []), info.get("output_name", []) or info.get("output", []), strict=False))
         ]
         nodes[nid] = {
-            "id": int(nid), "type": node["class_type"], "pos": [40 + 380 * col, 40 + 300 * row],
-            "size": [340, 120 + 24 * len(info.get("input", {}).get("required", {}))],
+            "id": int(nid), "type": node["class_type"], "pos": [40 + 380 * col, y],
+            "size": [340, height],
             "flags": {}, "order": i, "mode": 0, "inputs": [], "outputs": outputs,
             "properties": {"Node name for S&R": node["class_type"]}, "widgets_values": [],
         }
