@@ -253,7 +253,7 @@ class TrainTemporalLayers(io.ComfyNode):
         if resume and not os.path.exists(save_to):
             raise _host.InputError(NODE, "resume", f"nothing to resume: '{save_name}' is not in models/{FOLDER}.",
                                    "turn resume off for the first run.")
-        with torch.inference_mode(False):
+        with torch.no_grad():  # the VAE is not trained; its weights may be inference tensors
             latents = encode_frames(NODE, vae, images, latent)
         if latents.shape[0] < frames_per_clip:
             raise _host.InputError(NODE, "frames_per_clip", f"the clip has {latents.shape[0]} frames, fewer than "
@@ -287,7 +287,8 @@ def train_headless(checkpoint: str, frames: torch.Tensor, out: str, config: Trai
     if prompt:
         tokens = clip.tokenize(prompt)
         positive = clip.encode_from_tokens_scheduled(tokens)
-    latents = vae.encode(frames[:, :, :, :3])
+    with torch.no_grad():
+        latents = vae.encode(frames[:, :, :, :3])
     if latents.shape[0] < config.frames_per_clip:
         raise TrainError(f"the clip has {latents.shape[0]} frames, fewer than frames_per_clip={config.frames_per_clip}.")
     _, _, result = train_on_model(model, latents, positive, config, kinds, out, resume, progress)
