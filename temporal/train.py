@@ -439,7 +439,7 @@ def loss_report(result: TrainResult) -> str:
     lines = [f"steps: {result.step} (resumed from {result.resumed_from})" if result.resumed_from
              else f"steps: {result.step}"]
     if result.losses:
-        k = min(10, len(result.losses))
+        k = max(1, min(10, len(result.losses) // 2))
         first = sum(result.losses[:k]) / k
         last = sum(result.losses[-k:]) / k
         lines.append(f"train loss: first {k} mean {first:.4f}, last {k} mean {last:.4f}")
