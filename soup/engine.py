@@ -139,15 +139,13 @@ class _Workspace:
 
     def __init__(self, dtype: torch.dtype, numel: int):
         self.buf = torch.empty(numel, dtype=dtype)
+        self.stage = torch.empty(CHUNK, dtype=torch.float32)  # per soup: safe if two soups run at once
 
     def take(self, n: int) -> torch.Tensor:
         return self.buf[:n]
 
 
-_STAGE = torch.empty(CHUNK, dtype=torch.float32)
-
-
-def _staged(x: torch.Tensor, i: int, a: torch.Tensor) -> torch.Tensor:
+def _staged(x: torch.Tensor, i: int, a: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:
     """Chunk i of x, widened to float32 first when a is float64 and x half precision.
 
     Two cheap vectorised casts (f16->f32, then f32->f64 inside add) beat one direct
@@ -155,24 +153,24 @@ def _staged(x: torch.Tensor, i: int, a: torch.Tensor) -> torch.Tensor:
     """
     c = x[i:i + CHUNK]
     if a.dtype == torch.float64 and c.dtype in (torch.float16, torch.bfloat16):
-        st = _STAGE[: c.numel()]
+        st = stage[: c.numel()]
         st.copy_(c)
         return st
     return c
 
 
-def _fill(a: torch.Tensor, x: torch.Tensor, weight: float) -> None:
+def _fill(a: torch.Tensor, x: torch.Tensor, weight: float, stage: torch.Tensor) -> None:
     """a = weight * x, chunk by chunk (x may be any float dtype; a is the accumulator)."""
     for i in _chunks(a.numel()):
-        a[i:i + CHUNK].copy_(_staged(x, i, a))
+        a[i:i + CHUNK].copy_(_staged(x, i, a, stage))
     if weight != 1.0:
         a.mul_(weight)
 
 
-def _axpy(a: torch.Tensor, x: torch.Tensor, weight: float) -> None:
+def _axpy(a: torch.Tensor, x: torch.Tensor, weight: float, stage: torch.Tensor) -> None:
     """a += weight * x in place, chunk by chunk."""
     for i in _chunks(a.numel()):
-        a[i:i + CHUNK].add_(_staged(x, i, a), alpha=weight)
+        a[i:i + CHUNK].add_(_staged(x, i, a, stage), alpha=weight)
 
 
 def _fits_f32(a: torch.Tensor) -> bool:
@@ -280,10 +278,10 @@ def build_soup(shards: Sequence[Shard | str | os.PathLike], out: str | os.PathLi
                         job = pool.submit(h.update, raw)  # hashing overlaps the arithmetic (both drop the GIL)
                         x = torch.frombuffer(raw, dtype=DTYPES[e.dtype]) if numel else torch.empty(0)
                         if first:
-                            _fill(a, x, s.weight)
+                            _fill(a, x, s.weight, ws.stage)
                             first = False
                         elif static or not exact:
-                            _axpy(a, x, s.weight)
+                            _axpy(a, x, s.weight, ws.stage)
                         else:
                             y = x.to(acc_dtype) * s.weight if s.weight != 1.0 else x.to(acc_dtype)
                             summed, ok = _add(a, y, True)
@@ -409,12 +407,12 @@ def _update(soup: Path, shard: Path, out: Path, sign: int, weight: float | None,
                     numel = math.prod(e.shape)
                     a = ws.take(numel)
                     if man.sum_stored:
-                        _fill(a, sr.tensor(SUM_PREFIX + k).reshape(-1), 1.0)
+                        _fill(a, sr.tensor(SUM_PREFIX + k).reshape(-1), 1.0, ws.stage)
                     else:
-                        _fill(a, sr.tensor(k).reshape(-1), old_total)
+                        _fill(a, sr.tensor(k).reshape(-1), old_total, ws.stage)
                     x = torch.frombuffer(raw, dtype=DTYPES[e.dtype]) if numel else torch.empty(0)
                     if static or not exact:
-                        _axpy(a, x, sign * weight)  # exact by the fp16 grid bound, or not promised
+                        _axpy(a, x, sign * weight, ws.stage)  # exact by the fp16 grid bound, or not promised
                     else:
                         summed, ok = _add(a, x.to(torch.float64) * (sign * weight), True)
                         a.copy_(summed)

@@ -31,6 +31,7 @@ def base_sd(dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
         f"{U}input_blocks.0.0.bias": torch.zeros(8).to(dtype),
         f"{U}out.2.weight": (torch.randn(4, 8, 3, 3, generator=g) * 3).to(dtype),
         f"{U}time_embed.0.weight": (torch.randn(16, 8, generator=g) * 1e-3).to(dtype),
+        f"{U}middle_block.big.weight": (torch.randn(3, 100_003, generator=g) * 0.1).to(dtype),  # > 2 chunks
         "first_stage_model.decoder.conv_in.weight": torch.randn(8, 4, 3, 3, generator=g).to(dtype),
         "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(7).unsqueeze(0),
     }
@@ -172,7 +173,7 @@ def test_components_all_soups_vae_but_not_int_buffers(members, tmp_path):
     assert torch.equal(sd[k], ((srcs[0][k].double() + srcs[1][k].double()) / 2).to(torch.float16))
     pid = "cond_stage_model.transformer.text_model.embeddings.position_ids"
     assert torch.equal(sd[pid], srcs[0][pid])
-    assert man.souped_keys == 5
+    assert man.souped_keys == 6
 
 
 def test_remove_non_member_and_last_member_leave_files_untouched(members, tmp_path):
@@ -239,7 +240,7 @@ def test_interrupted_build_leaves_no_partial_file_and_keeps_target(members, tmp_
 def test_progress_counts_every_key(members, tmp_path):
     seen: list[tuple[int, int]] = []
     build_soup(members[:2], tmp_path / "s.safetensors", progress=lambda d, t: seen.append((d, t)))
-    assert seen[-1] == (6, 6) and [d for d, _ in seen] == list(range(1, 7))
+    assert seen[-1] == (7, 7) and [d for d, _ in seen] == list(range(1, 8))
 
 
 def test_parse_members():
@@ -248,3 +249,19 @@ def test_parse_members():
         parse_members("a.safetensors, x")
     with pytest.raises(SoupError):
         parse_members("a.safetensors, 0")
+
+
+def test_reader_rejects_broken_files(tmp_path):
+    from compartments.soup.st import FormatError, Reader
+
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(b"\x01\x02")
+    with pytest.raises(FormatError, match="too short"):
+        Reader(short)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes((20).to_bytes(8, "little") + b"not json at all!!!!!")
+    with pytest.raises(FormatError, match="unreadable safetensors header"):
+        Reader(junk)
+    with pytest.raises(SoupError, match="not a Compartments soup"):
+        save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+        read_manifest(tmp_path / "plain.safetensors")
