@@ -225,6 +225,9 @@ def build_soup(shards: Sequence[Shard | str | os.PathLike], out: str | os.PathLi
     items = [Shard(Path(s.path), s.weight) if isinstance(s, Shard) else Shard(Path(s)) for s in shards]
     if not items:
         raise SoupError("a soup needs at least one member.")
+    bad = [s for s in items if not (s.weight > 0 and math.isfinite(s.weight))]
+    if bad:
+        raise SoupError(f"member {bad[0].path.name}: weight {bad[0].weight} must be a finite number > 0.")
     if components not in ("unet", "all"):
         raise SoupError(f"components must be 'unet' or 'all', not {components!r}.")
     if dtype not in OUT_DTYPES:
@@ -332,8 +335,8 @@ def _meta(src: Reader, manifest: Manifest) -> dict[str, str]:
 def add_shard(soup: str | os.PathLike, shard: str | os.PathLike, out: str | os.PathLike | None = None, *,
               weight: float = 1.0, progress: Progress = None) -> Manifest:
     """theta' = (W theta + w theta_new) / (W + w), reading only the soup and the new shard."""
-    if not weight > 0:
-        raise SoupError("the weight of an added shard must be > 0.")
+    if not (weight > 0 and math.isfinite(weight)):
+        raise SoupError("the weight of an added shard must be a finite number > 0.")
     return _update(Path(soup), Path(shard), Path(out) if out else Path(soup), +1, weight, progress)
 
 

@@ -243,6 +243,16 @@ def test_progress_counts_every_key(members, tmp_path):
     assert seen[-1] == (7, 7) and [d for d, _ in seen] == list(range(1, 8))
 
 
+def test_bad_weights_are_refused(members, tmp_path):
+    with pytest.raises(SoupError, match="must be a finite number > 0"):
+        build_soup([Shard(members[0], 1.0), Shard(members[1], 0.0)], tmp_path / "x.safetensors")
+    soup = tmp_path / "s.safetensors"
+    build_soup(members[:2], soup)
+    with pytest.raises(SoupError, match="must be a finite number > 0"):
+        add_shard(soup, members[2], weight=-1.0)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_parse_members():
     assert parse_members("a.safetensors\n# note\n b.safetensors , 2.5 \n\n") == [("a.safetensors", 1.0), ("b.safetensors", 2.5)]
     with pytest.raises(SoupError):
