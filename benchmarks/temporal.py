@@ -153,10 +153,12 @@ def run_animatediff_evolved() -> None:
     found = [p for p in places if (p / "animatediff").is_dir()]
     if not found:
         emit("animatediff_evolved", None, "frames/s",
-             note="not available here: AnimateDiff-Evolved is not installed beside ComfyUI")
+             note="not available here: AnimateDiff-Evolved is not installed beside ComfyUI "
+                  "(and it accepts only full SD1.5/SDXL channel layouts, not the tiny module)")
         return
     emit("animatediff_evolved", None, "frames/s", path=str(found[0]),
-         note="found, but a side-by-side run is not wired in this version; run its workflow with the same settings")
+         note="found, but not run: it accepts only full SD1.5/SDXL channel layouts (320/640/1280[/1280]), "
+              "so the tiny module cannot go through it; compare with full-size weights on a GPU")
 
 
 def main(argv: list[str] | None = None) -> int:
