@@ -153,3 +153,22 @@ def test_bad_inputs_fail_before_sampling_with_named_input(comfy, temporal_env):
               str(comfy.models_dir / "animatediff_models" / "not-a-motion-module.safetensors"))
     with pytest.raises(InputError, match="'motion_module'.*unknown key layout"):
         comfy.run("CompartmentsLoadMotionModule", motion_module="not-a-motion-module.safetensors")
+
+
+def test_own_video_ldm_layers_load_and_sample(comfy, temporal_env):
+    """Compartments layers (attention + 3D conv, learned alpha) saved with a header, loaded by the node."""
+    from compartments.temporal import TINY_SD15, MotionModule, save_layers
+
+    model, base, _, cond, neg = temporal_env
+    torch.manual_seed(5)
+    stack = MotionModule(TINY_SD15, kinds=("attention", "conv"), alpha=0.4)
+    with torch.no_grad():
+        for name, p in stack.named_parameters():
+            if "proj_out" in name or "out_layers.3" in name:
+                p.copy_(torch.randn_like(p) * 0.05)
+    save_layers(stack, comfy.models_dir / "temporal_layers" / "temporal-test-vldm.safetensors", frames=FRAMES)
+    (layers,) = comfy.run("CompartmentsLoadTemporalLayers", temporal_layers="temporal-test-vldm.safetensors")
+    assert layers.frames == FRAMES and layers.info.kinds == ("attention", "conv")
+    assert layers.module.alphas() == pytest.approx(stack.alphas())
+    video = _sample(comfy, _apply(comfy, model, layers), cond, neg)
+    assert torch.isfinite(video).all() and (video - base).abs().max() > 1e-4
