@@ -17,10 +17,11 @@ from typing import Any
 
 import comfy.context_windows
 import comfy.patcher_extension
+import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import TimestepEmbedSequential, Upsample
 from comfy_api.latest import io
 
-from ..temporal.context import BLENDS, blend_weights, windows
+from ..temporal.context import BLENDS, blend_weights, fuse, windows
 from ..temporal.formats import FormatError, MotionInfo, load_layers, load_motion_module
 from ..temporal.inject import (
     LayoutMismatch,
@@ -289,4 +290,76 @@ class ApplyTemporalLayers(io.ComfyNode):
                                     context_blend, alpha, alpha_overrides, "CompartmentsApplyTemporalLayers"))
 
 
-NODES = [LoadMotionModule, LoadTemporalLayers, ApplyTemporalLayers]
+# --- decoding ------------------------------------------------------------------------------------------------
+
+
+def has_temporal_decoder(vae: Any) -> bool:
+    """True for VAEs whose decoder mixes frames (SVD's ``VideoDecoder``: 3D convs + learned alpha)."""
+    decoder = getattr(getattr(vae, "first_stage_model", None), "decoder", None)
+    return type(decoder).__name__ == "VideoDecoder"
+
+
+def decode_video(vae: Any, latent: Any, frames_per_pass: int = 0, overlap: int = 2,
+                 node: str = "CompartmentsVAEDecodeVideo") -> tuple[Any, str]:
+    """Decode frames; temporally when the VAE can, in whole windows blended over ``overlap`` frames.
+
+    Core ``VAEDecode`` splits the batch by free memory, which cuts a temporal decoder's frame
+    mixing at arbitrary frames; here every window is one decoder call. Other VAEs decode per
+    frame (exactly core's ``VAEDecode``). Returns the images and the mode used.
+    """
+    import comfy.model_management
+
+    frames = int(latent.shape[0])
+    if not has_temporal_decoder(vae):
+        return vae.decode(latent), "per-frame"
+    length = frames if frames_per_pass in (0, None) else int(frames_per_pass)
+    if length > frames:
+        raise InputError(node, "frames_per_pass", f"the video has {frames} frames, fewer than {length}.",
+                         "use at most the frame count, or 0 for the whole video in one pass.")
+    if length < frames and overlap >= length:
+        raise InputError(node, "overlap", f"{overlap} must be smaller than frames_per_pass ({length}).")
+    comfy.model_management.load_models_gpu([vae.patcher])
+    idx = windows(frames, length, min(overlap, length - 1) if length < frames else 0)
+    outs = []
+    for window in idx:
+        _host.check_interrupt()
+        z = latent[window].to(vae.vae_dtype).to(vae.device)
+        with torch.no_grad():
+            out = vae.first_stage_model.decode(z)  # the temporal blocks take the whole batch as one clip
+        outs.append(vae.process_output(out.to(vae.output_device).float()))
+    images = outs[0] if len(outs) == 1 else fuse(outs, idx, frames, "linear", overlap)
+    return images.movedim(1, -1), "temporal"
+
+
+class VAEDecodeVideo(io.ComfyNode):
+    """Decode a video latent: temporally with a temporal VAE decoder (SVD's), per frame otherwise."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CompartmentsVAEDecodeVideo",
+            display_name="VAE Decode Video",
+            category=CATEGORY,
+            description="With a VAE that has temporal decoder layers (SVD's), decodes whole windows of frames "
+                        "together and blends overlaps; with any other VAE it is the same as VAE Decode.",
+            inputs=[
+                io.Latent.Input("samples"),
+                io.Vae.Input("vae"),
+                io.Int.Input("frames_per_pass", default=0, min=0, max=4096,
+                             tooltip="Frames per decoder call for a temporal decoder; 0 = the whole video."),
+                io.Int.Input("overlap", default=2, min=0, max=64, tooltip="Frames shared by neighbouring passes."),
+            ],
+            outputs=[io.Image.Output(), io.String.Output(display_name="mode")],
+        )
+
+    @classmethod
+    def execute(cls, samples: dict, vae: Any, frames_per_pass: int, overlap: int) -> io.NodeOutput:
+        latent = samples["samples"]
+        if latent.ndim != 4:
+            raise InputError("CompartmentsVAEDecodeVideo", "samples", f"expected frames x 4 x h x w, got {tuple(latent.shape)}.",
+                             "pass an image-model latent whose batch holds the frames.")
+        images, mode = decode_video(vae, latent, frames_per_pass, overlap)
+        return io.NodeOutput(images, mode)
+
+
+NODES = [LoadMotionModule, LoadTemporalLayers, ApplyTemporalLayers, VAEDecodeVideo]

@@ -172,3 +172,37 @@ def test_own_video_ldm_layers_load_and_sample(comfy, temporal_env):
     assert layers.module.alphas() == pytest.approx(stack.alphas())
     video = _sample(comfy, _apply(comfy, model, layers), cond, neg)
     assert torch.isfinite(video).all() and (video - base).abs().max() > 1e-4
+
+
+def _svd_like_vae():
+    """A VAE with SVD's temporal decoder (ComfyUI detects it from ``decoder.mid.block_1.mix_factor``), seeded."""
+    import comfy.sd
+
+    from compartments.tiny.sd15 import random_tensor
+
+    probe = comfy.sd.VAE(sd={"decoder.mid.block_1.mix_factor": torch.zeros(1)})
+    gen = torch.Generator().manual_seed(11)
+    sd = {}
+    for k, v in probe.first_stage_model.state_dict().items():
+        sd[k] = torch.zeros(v.shape) if k.endswith("mix_factor") else random_tensor(k, tuple(v.shape), gen)
+    return comfy.sd.VAE(sd=sd)
+
+
+def test_decode_video_is_temporal_with_a_temporal_vae_and_core_otherwise(comfy, temporal_env):
+    from compartments.nodes._host import InputError
+
+    _, _, vae, _, _ = temporal_env
+    latent = {"samples": torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))}
+    images, mode = comfy.run("CompartmentsVAEDecodeVideo", samples=latent, vae=vae, frames_per_pass=0, overlap=2)
+    (core,) = comfy.run("VAEDecode", samples=latent, vae=vae)
+    assert mode == "per-frame" and torch.equal(images, core)
+
+    svd_vae = _svd_like_vae()
+    whole, mode = comfy.run("CompartmentsVAEDecodeVideo", samples=latent, vae=svd_vae, frames_per_pass=0, overlap=2)
+    assert mode == "temporal" and whole.shape == (4, 64, 64, 3) and torch.isfinite(whole).all()
+    single, _ = comfy.run("CompartmentsVAEDecodeVideo", samples=latent, vae=svd_vae, frames_per_pass=1, overlap=0)
+    assert (single - whole).abs().max() > 1e-4, "a temporal decoder must mix frames"
+    windowed, _ = comfy.run("CompartmentsVAEDecodeVideo", samples=latent, vae=svd_vae, frames_per_pass=3, overlap=2)
+    assert windowed.shape == whole.shape and torch.isfinite(windowed).all()
+    with pytest.raises(InputError, match="'frames_per_pass'"):
+        comfy.run("CompartmentsVAEDecodeVideo", samples=latent, vae=svd_vae, frames_per_pass=8, overlap=2)
