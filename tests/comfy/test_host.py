@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_entry_point_lists_every_node(comfy):
-    import compartments
     from comfy_api.latest import ComfyExtension
+
+    import compartments
 
     ext = asyncio.run(compartments.comfy_entrypoint())
     assert isinstance(ext, ComfyExtension)

@@ -21,7 +21,14 @@ STEPS = 10
 
 def _digest(model, names: list[str] | None = None) -> tuple[list[str], str]:
     """SHA-256 over the image model's tensors (the names present before training: while the
-    trained clone is loaded, its temporal layers also show up in the shared state dict)."""
+    trained clone is loaded, its temporal layers also show up in the shared state dict).
+
+    Every model is unloaded first: the session's other tests load patched clones (LoRAs,
+    soups) of the same module, and ComfyUI patches weights in place while a clone is loaded.
+    """
+    import comfy.model_management
+
+    comfy.model_management.unload_all_models()
     sd = model.model.state_dict()
     names = names or sorted(sd)
     h = hashlib.sha256()
