@@ -11,6 +11,7 @@ methods over a server-side engine (docs/retrieval.md).
 
 from __future__ import annotations
 
+import heapq
 import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -70,53 +71,109 @@ def _fsync_replace(tmp: Path, path: Path) -> None:
 
 
 class FaissIndex:
-    """Exact cosine kNN: faiss IndexIDMap(IndexFlatIP) over unit vectors, ids = store row ids."""
+    """Exact cosine kNN over unit vectors: a faiss ``IndexFlatIP`` whose rows are reusable slots.
 
-    def __init__(self, dim: int, index=None):
+    ``remove`` does not compact the matrix (``IndexIDMap.remove_ids`` moves every later row:
+    O(n)). It zeroes the removed rows in place, so the vectors are gone from memory too, and
+    puts their positions on a free list that the next ``add`` fills first. Searches exclude
+    free positions with a faiss ``IDSelector`` and map positions back to the store's ids.
+    ``remove`` of k ids costs O(k * dim), whatever the size of the index.
+    """
+
+    def __init__(self, dim: int):
         import faiss
 
         self.dim = int(dim)
         self._faiss = faiss
-        self.index = index if index is not None else faiss.IndexIDMap(faiss.IndexFlatIP(self.dim))
+        self.index = faiss.IndexFlatIP(self.dim)
+        self._pos_ids = np.zeros((0,), dtype=np.int64)  # position -> id, -1 = free
+        self._pos_of: dict[int, int] = {}  # id -> position
+        self._free: list[int] = []  # free positions, a min-heap
 
     def __len__(self) -> int:
-        return int(self.index.ntotal)
+        return len(self._pos_of)
+
+    def _rows(self) -> np.ndarray:
+        """The flat index's matrix as a writable numpy view (no copy)."""
+        n = int(self.index.ntotal)
+        if n == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self._faiss.rev_swig_ptr(self.index.get_xb(), n * self.dim).reshape(n, self.dim)
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         v, i = _as_vectors(vectors, self.dim), _as_ids(ids)
         if len(i) != len(v):
             raise ValueError(f"{len(i)} ids for {len(v)} vectors")
-        if len(i):
-            self.index.add_with_ids(v, i)
+        if not len(i):
+            return
+        if len(set(i.tolist())) != len(i) or any(x in self._pos_of for x in i.tolist()):
+            raise ValueError("ids must be unique and not already in the index")
+        reuse = [heapq.heappop(self._free) for _ in range(min(len(self._free), len(i)))]
+        if reuse:
+            self._rows()[reuse] = v[:len(reuse)]
+            self._pos_ids[reuse] = i[:len(reuse)]
+        start, rest = int(self.index.ntotal), v[len(reuse):]
+        if len(rest):
+            self.index.add(rest)
+            self._pos_ids = np.concatenate([self._pos_ids, i[len(reuse):]])
+        self._pos_of.update(zip(i.tolist(), reuse + list(range(start, start + len(rest))), strict=True))
 
     def remove(self, ids: np.ndarray) -> int:
-        i = _as_ids(ids)
-        if not len(i):
-            return 0
-        return int(self.index.remove_ids(self._faiss.IDSelectorBatch(i)))
+        gone = [self._pos_of.pop(x) for x in dict.fromkeys(_as_ids(ids).tolist()) if x in self._pos_of]
+        if gone:
+            self._rows()[gone] = 0.0
+            self._pos_ids[gone] = -1
+            for p in gone:
+                heapq.heappush(self._free, p)
+        return len(gone)
 
     def search(self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         q = _as_vectors(queries, self.dim)
         if k < 1:
             raise ValueError("k must be at least 1")
-        params = None
+        faiss = self._faiss
+        sel: list = []  # the selectors must outlive the search call
         if allowed is not None:
-            sel = self._faiss.IDSelectorBatch(_as_ids(allowed))
-            params = self._faiss.SearchParameters(sel=sel)
-        scores, ids = self.index.search(q, int(k), params=params)
-        return scores.astype(np.float32), ids.astype(np.int64)
+            pos = [self._pos_of[x] for x in _as_ids(allowed).tolist() if x in self._pos_of]
+            if pos:
+                sel.append(faiss.IDSelectorBatch(np.asarray(pos, dtype=np.int64)))
+        elif self._free:
+            sel.append(faiss.IDSelectorBatch(np.asarray(self._free, dtype=np.int64)))
+            sel.append(faiss.IDSelectorNot(sel[0]))
+        if not self._pos_of or (allowed is not None and not sel):
+            return (np.full((len(q), k), -np.finfo(np.float32).max, dtype=np.float32),
+                    np.full((len(q), k), -1, dtype=np.int64))
+        params = faiss.SearchParameters(sel=sel[-1]) if sel else None
+        scores, pos = self.index.search(q, int(k), params=params)
+        labels = np.where(pos >= 0, self._pos_ids[np.maximum(pos, 0)], -1)
+        return scores.astype(np.float32), labels.astype(np.int64)
 
     def ids(self) -> np.ndarray:
-        return self._faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        return np.fromiter(self._pos_of, dtype=np.int64, count=len(self._pos_of))
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The stored vectors of these ids [n, dim] (a copy)."""
+        rows = self._rows()
+        return np.stack([rows[self._pos_of[x]] for x in _as_ids(ids).tolist()]) if len(ids) else \
+            np.zeros((0, self.dim), dtype=np.float32)
 
     def copy(self) -> FaissIndex:
-        return FaissIndex(self.dim, self._faiss.clone_index(self.index))
+        out = FaissIndex(self.dim)
+        out.index = self._faiss.clone_index(self.index)
+        out._pos_ids, out._pos_of, out._free = self._pos_ids.copy(), dict(self._pos_of), list(self._free)
+        return out
 
     def save(self, path: Path) -> None:
+        """Write the live vectors, compacted, as a faiss IndexIDMap(IndexFlatIP) file."""
         path = Path(path)
         tmp = _tmp_for(path)
+        faiss = self._faiss
+        ids = self.ids()
+        out = faiss.IndexIDMap(faiss.IndexFlatIP(self.dim))
+        if len(ids):
+            out.add_with_ids(self.vectors(ids), ids)
         try:
-            self._faiss.write_index(self.index, str(tmp))
+            faiss.write_index(out, str(tmp))
             _fsync_replace(tmp, path)
         finally:
             if tmp.exists():
@@ -126,8 +183,12 @@ class FaissIndex:
     def load(cls, path: Path) -> FaissIndex:
         import faiss
 
-        index = faiss.read_index(str(path))
-        return cls(index.d, index)
+        stored = faiss.read_index(str(path))
+        out = cls(stored.d)
+        if stored.ntotal:
+            ids = faiss.vector_to_array(stored.id_map).astype(np.int64)
+            out.add(ids, stored.index.reconstruct_n(0, stored.ntotal))
+        return out
 
 
 class NumpyIndex:

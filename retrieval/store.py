@@ -14,24 +14,30 @@ API (what samplers/ and nodes/ rely on; names are stable):
     store.forget([ids or sha256])                 # row, vector and stored copy gone, exactly
     store.list(visibility="all") -> list[Item]
 
-Folder layout: ``meta.sqlite`` (rows with embeddings, the single commit point),
-``index-<gen>.faiss`` (the vector index of generation ``gen``), ``images/<sha256>.<ext>``
-(content-addressed copies, so the store is self-contained and forgetting deletes the copy).
+Folder layout: ``meta.sqlite`` (one row per image with the slot of its vector; the single
+commit point), ``vectors.f32`` (fixed-size float32 rows: the vector of slot ``s`` at byte
+``s * dim * 4``), ``images/<sha256>.<ext>`` (content-addressed copies, so the store is
+self-contained and forgetting deletes the copy). The faiss index lives in memory and is built
+from the live slots on open (one sequential read).
 
-Writes are transactional. A write builds the next index on a copy, saves it as
-``index-<gen+1>.faiss`` (temp file + ``os.replace``), then commits the SQLite transaction that
-records ``gen+1``; only after the commit is the old index file deleted. A failure or Cancel at
-any point before the commit leaves the previous generation untouched; a crash after it is
-resolved on open (the DB names the index to load; strays are removed; a missing or
-inconsistent index is rebuilt from the embeddings stored in the DB).
+Writes are transactional, with SQLite as the commit point. An add writes its vectors into free
+slots (slots no committed row names) and fsyncs them, then commits the rows that name them: a
+failure or Cancel before the commit leaves only unreferenced slots, zeroed again on rollback
+(or by the next open). A forget commits the row delete, then zeroes the slot in place (one
+``dim * 4``-byte write + fsync) and removes the id from the in-memory index; a crash in between
+leaves an unreferenced slot that the next open zeroes before anything is read. So forget costs
+O(1) I/O whatever the store size (docs/retrieval.md). Live slots whose vector is missing or
+damaged are re-embedded from the stored copies on open (with the store's embedder).
 
-Forgetting is exact: the row is deleted, the id removed from the index (ids are never
-reused: AUTOINCREMENT), the copy deleted, and the content hash kept in a ``forgotten`` table so
-the same bytes are not silently re-added by a later folder rebuild.
+Forgetting is exact: the row is deleted (``secure_delete``: SQLite overwrites it), the vector
+zeroed on disk and in memory, the id never reused (AUTOINCREMENT), the copy deleted, and the
+content hash kept in a ``forgotten`` table so the same bytes are not silently re-added by a
+later folder rebuild.
 """
 
 from __future__ import annotations
 
+import heapq
 import io
 import json
 import os
@@ -48,11 +54,12 @@ import torch
 from .embed import Embedder
 from .index import BACKENDS, VectorIndex
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 VISIBILITIES = ("private", "public")
 FILTERS = ("private", "public", "all")
 DB_NAME = "meta.sqlite"
 IMAGE_DIR = "images"
+VECTORS_NAME = "vectors.f32"
 
 Progress = Callable[[int, int], None]
 
@@ -67,7 +74,7 @@ CREATE TABLE IF NOT EXISTS items(
     added REAL NOT NULL,
     width INTEGER NOT NULL,
     height INTEGER NOT NULL,
-    embedding BLOB NOT NULL
+    slot INTEGER NOT NULL UNIQUE
 );
 CREATE INDEX IF NOT EXISTS items_visibility ON items(visibility);
 CREATE TABLE IF NOT EXISTS forgotten(sha256 TEXT PRIMARY KEY, at REAL NOT NULL);
@@ -167,6 +174,78 @@ def _atomic_write(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
+class SlotFile:
+    """Vectors on disk in fixed-size slots: slot ``s`` is ``dim`` float32 at byte ``s * dim * 4``.
+
+    Writing or zeroing one slot touches ``dim * 4`` bytes in place and never moves another
+    slot, which is what makes forget O(1) in I/O. Every write is followed by an fsync.
+    """
+
+    def __init__(self, path: Path, dim: int):
+        self.path, self.dim, self.row = Path(path), int(dim), int(dim) * 4
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def __len__(self) -> int:
+        return os.fstat(self.fd).st_size // self.row
+
+    def read_all(self) -> np.ndarray:
+        """Every slot as a read-only memory map [slots, dim] (empty file: a [0, dim] array)."""
+        n = len(self)
+        if n == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.memmap(self.path, dtype=np.float32, mode="r", shape=(n, self.dim))
+
+    def read(self, slots: Sequence[int]) -> np.ndarray:
+        out = np.zeros((len(slots), self.dim), dtype=np.float32)
+        for j, s in enumerate(slots):
+            data = os.pread(self.fd, self.row, int(s) * self.row)
+            if len(data) == self.row:
+                out[j] = np.frombuffer(data, dtype=np.float32)
+        return out
+
+    def _pwrite_all(self, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def _put(self, slots: Sequence[int], data: Callable[[int, int], bytes]) -> None:
+        """``data(j, e)`` into slots[j:e] for each run of consecutive slots, then one fsync."""
+        j = 0
+        while j < len(slots):
+            e = j + 1
+            while e < len(slots) and slots[e] == slots[e - 1] + 1:
+                e += 1
+            self._pwrite_all(data(j, e), int(slots[j]) * self.row)
+            j = e
+        os.fsync(self.fd)
+
+    def write(self, slots: Sequence[int], vectors: np.ndarray) -> None:
+        """Write ``vectors[j]`` into ``slots[j]``, then fsync."""
+        v = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(slots), self.dim)
+        self._put(list(slots), lambda j, e: v[j:e].tobytes())
+
+    def zero(self, slots: Sequence[int]) -> None:
+        """Overwrite these slots with zeros in place, then fsync (the vector's bytes are gone)."""
+        if len(slots):
+            self._put(list(slots), lambda j, e: bytes((e - j) * self.row))
+
+    def truncate(self, slots: int) -> None:
+        os.ftruncate(self.fd, int(slots) * self.row)
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> SlotFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class ImageStore:
     """An on-disk image store folder; see the module docstring for the API and guarantees."""
 
@@ -179,6 +258,7 @@ class ImageStore:
         self.db = sqlite3.connect(str(db), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA secure_delete=ON")  # deleted rows are overwritten, not left in free pages
         self.config = json.loads(self._meta("config"))
         if int(self.config.get("format_version", 0)) != FORMAT_VERSION:
             raise StoreError(f"store format {self.config.get('format_version')} is not {FORMAT_VERSION}.",
@@ -188,7 +268,16 @@ class ImageStore:
         self._embedder = embedder
         if embedder is not None:
             self._check_embedder(embedder)
-        self.index: VectorIndex = self._open_index()
+        self.slots = SlotFile(self.path / VECTORS_NAME, self.dim)
+        self.index: VectorIndex = self.backend(self.dim)
+        self._free: list[int] = []  # free slots below _nslots (a min-heap)
+        self._nslots = 0
+        self._gen = -1
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
 
     # -- creation and opening ---------------------------------------------------------------
     @classmethod
@@ -211,17 +300,13 @@ class ImageStore:
             db.execute("BEGIN")
             db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)",
                            [("config", json.dumps(config)), ("generation", "0"), ("revision", "0")])
-            BACKENDS[backend](embedder.dim).save(tmp / cls._index_name(0))
+            (tmp / VECTORS_NAME).touch()
             db.execute("COMMIT")
             db.close()
             os.replace(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return cls(path, embedder)
-
-    @staticmethod
-    def _index_name(gen: int) -> str:
-        return f"index-{gen}.faiss"
 
     def _meta(self, key: str) -> str:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -231,6 +316,7 @@ class ImageStore:
 
     @property
     def generation(self) -> int:
+        """Bumped by every write of vectors (add, forget): tells an open store its index is stale."""
         return int(self._meta("generation"))
 
     @property
@@ -238,35 +324,91 @@ class ImageStore:
         """Bumped by every write (add, forget, visibility): a cache key for nodes."""
         return int(self._meta("revision"))
 
-    def _open_index(self) -> VectorIndex:
-        gen = self.generation
-        target = self.path / self._index_name(gen)
-        for f in self.path.glob("index-*.faiss"):
-            if f != target:
-                f.unlink(missing_ok=True)
-        for f in self.path.glob(".index-*.tmp"):
-            f.unlink(missing_ok=True)
-        index = None
-        if target.is_file():
-            try:
-                index = self.backend.load(target)
-            except Exception:
-                index = None
-        ids = {r[0] for r in self.db.execute("SELECT id FROM items")}
-        if index is None or len(index) != len(ids) or set(index.ids().tolist()) != ids:
-            index = self._rebuild_index()
-            index.save(target)
-        self._gc_files()
-        return index
+    def _load(self) -> None:
+        """Build the in-memory index from the live slots, under the write lock.
 
-    def _rebuild_index(self) -> VectorIndex:
-        index = self.backend(self.dim)
-        rows = self.db.execute("SELECT id, embedding FROM items ORDER BY id").fetchall()
-        if rows:
+        Also the recovery step: slots no row names but holding bytes (a crash after a forget's
+        commit, or during an add) are zeroed; a free tail is truncated; live slots whose vector
+        is missing or not a unit vector are re-embedded from the stored copies.
+        """
+        own = not self.db.in_transaction
+        if own:
+            self.db.execute("BEGIN IMMEDIATE")
+        try:
+            gen = self.generation
+            rows = self.db.execute("SELECT id, slot FROM items ORDER BY id").fetchall()
             ids = np.array([r[0] for r in rows], dtype=np.int64)
-            vecs = np.stack([np.frombuffer(r[1], dtype=np.float32) for r in rows])
+            slots = np.array([r[1] for r in rows], dtype=np.int64)
+            mat = self.slots.read_all()
+            n = len(mat)
+            vecs = np.zeros((len(ids), self.dim), dtype=np.float32)
+            inside = slots < n
+            vecs[inside] = mat[slots[inside]]
+            live = np.zeros(n, dtype=bool)
+            live[slots[inside]] = True
+            dirty = np.flatnonzero(~live)
+            dirty = dirty[np.asarray(mat[dirty]).any(axis=1)] if len(dirty) else dirty
+            del mat
+            norms = np.linalg.norm(vecs, axis=1)
+            bad = np.flatnonzero(~np.isfinite(norms) | (np.abs(norms - 1.0) > 1e-3))
+            if len(bad):
+                vecs[bad] = self._reembed(ids[bad].tolist())
+                self.slots.write(slots[bad].tolist(), vecs[bad])
+            if len(dirty):
+                self.slots.zero(dirty.tolist())
+            top = int(slots.max()) + 1 if len(slots) else 0
+            if len(self.slots) > top:
+                self.slots.truncate(top)
+            free = np.setdiff1d(np.arange(top, dtype=np.int64), slots).tolist()
+            index = self.backend(self.dim)
             index.add(ids, vecs)
-        return index
+            if own:
+                self.db.execute("COMMIT")
+        except BaseException:
+            if own:
+                self.db.execute("ROLLBACK")
+            raise
+        heapq.heapify(free)
+        self.index, self._free, self._nslots, self._gen = index, free, top, gen
+        if own:  # inside a write, copies of the add in progress exist but have no row yet
+            self._gc_files()
+
+    def _reembed(self, ids: list[int]) -> np.ndarray:
+        """Vectors for items whose slot was lost or damaged, from their stored copies."""
+        items = self.get(ids)
+        missing = [it.id for it in items if not (self.path / it.file).is_file()]
+        if self._embedder is None or missing:
+            raise StoreError(
+                f"the vectors of {len(ids)} items in '{VECTORS_NAME}' are missing or damaged"
+                + (f" and the copies of items {missing[:10]} are gone." if missing else "."),
+                "open the store with its embedder to re-embed them from the stored copies."
+                if not missing else f"forget items {missing[:10]} or rebuild the store.", "store")
+        return self._embedder.embed_images([decode_image((self.path / it.file).read_bytes())[0] for it in items])
+
+    def _sync(self) -> None:
+        """Reload the index if another process added or forgot since it was built."""
+        if self.generation != self._gen:
+            self._load()
+
+    def _take_slots(self, n: int) -> list[int]:
+        """``n`` free slots: reuse the lowest free ones, then append."""
+        out = [heapq.heappop(self._free) for _ in range(min(n, len(self._free)))]
+        out += list(range(self._nslots, self._nslots + n - len(out)))
+        self._nslots = max(self._nslots, out[-1] + 1) if out else self._nslots
+        return out
+
+    def _release_slots(self, slots: list[int], old_nslots: int) -> None:
+        """Undo :meth:`_take_slots` after a rollback: zero reused slots, cut the appended tail."""
+        reused = [x for x in slots if x < old_nslots]
+        self._nslots = old_nslots
+        for x in reused:
+            heapq.heappush(self._free, x)
+        try:
+            self.slots.zero(reused)
+            if len(self.slots) > old_nslots:
+                self.slots.truncate(old_nslots)
+        except OSError:
+            pass  # unreferenced slots: the next open zeroes or truncates them
 
     def _gc_files(self) -> None:
         """Delete image copies no row references (left by a failed add or a crash after forget)."""
@@ -278,6 +420,8 @@ class ImageStore:
                     f.unlink(missing_ok=True)
 
     def close(self) -> None:
+        if getattr(self, "slots", None) is not None:
+            self.slots.close()
         self.db.close()
 
     def __enter__(self) -> ImageStore:
@@ -311,23 +455,11 @@ class ImageStore:
         self._embedder = embedder
 
     # -- writes ---------------------------------------------------------------------------
-    def _commit(self, new_index: VectorIndex, write: Callable[[], None]) -> None:
-        """Run ``write`` (SQL) and publish ``new_index`` as one transaction (see module doc)."""
-        gen = self.generation
-        nxt = self.path / self._index_name(gen + 1)
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
-            write()
-            self.db.execute("UPDATE meta SET value=? WHERE key='generation'", (str(gen + 1),))
-            self.db.execute("UPDATE meta SET value=CAST(value AS INTEGER)+1 WHERE key='revision'")
-            new_index.save(nxt)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            nxt.unlink(missing_ok=True)
-            raise
-        self.index = new_index
-        (self.path / self._index_name(gen)).unlink(missing_ok=True)
+    def _bump(self, vectors: bool) -> None:
+        """Inside a write transaction: count the write (revision) and, if vectors changed, the generation."""
+        if vectors:
+            self.db.execute("UPDATE meta SET value=CAST(value AS INTEGER)+1 WHERE key='generation'")
+        self.db.execute("UPDATE meta SET value=CAST(value AS INTEGER)+1 WHERE key='revision'")
 
     def add_folder(self, folder: str | Path, owner: str = "", visibility: str = "private",
                    recursive: bool = True, progress: Progress | None = None,
@@ -387,30 +519,47 @@ class ImageStore:
                 if not dst.exists():
                     _atomic_write(dst, s["data"])
                     written.append(dst)
-            now = time.time()
-            new_ids: list[int] = []
-
-            def write() -> None:
-                for s, v in zip(staged, vecs, strict=True):
-                    h, w = s["pixels"].shape[:2]
-                    cur = self.db.execute(
-                        "INSERT INTO items(sha256, path, file, owner, visibility, added, width, height, embedding)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (s["sha"], s["path"], s["file"], owner, visibility, now, w, h,
-                         np.ascontiguousarray(v, dtype=np.float32).tobytes()))
-                    new_ids.append(int(cur.lastrowid))
-                self.db.execute(f"DELETE FROM forgotten WHERE sha256 IN ({','.join('?' * len(staged))})",
-                                [s["sha"] for s in staged])
-                new_index.add(np.array(new_ids, dtype=np.int64), vecs)
-
-            new_index = self.index.copy()
-            self._commit(new_index, write)
+            new_ids = self._insert(staged, vecs, owner, visibility)
         except BaseException:
             for p in written:
                 p.unlink(missing_ok=True)
             raise
         report.added = new_ids
         return report
+
+    def _insert(self, staged: list[dict], vecs: np.ndarray, owner: str, visibility: str) -> list[int]:
+        """One transaction: vectors into free slots (fsynced), then the rows naming them, commit."""
+        now = time.time()
+        new_ids: list[int] = []
+        self.db.execute("BEGIN IMMEDIATE")
+        old_nslots, slots = self._nslots, []
+        try:
+            self._sync()
+            old_nslots = self._nslots
+            slots = self._take_slots(len(staged))
+            self.slots.write(slots, vecs)
+            for s, slot in zip(staged, slots, strict=True):
+                h, w = s["pixels"].shape[:2]
+                cur = self.db.execute(
+                    "INSERT INTO items(sha256, path, file, owner, visibility, added, width, height, slot)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (s["sha"], s["path"], s["file"], owner, visibility, now, w, h, slot))
+                new_ids.append(int(cur.lastrowid))
+            self.db.execute(f"DELETE FROM forgotten WHERE sha256 IN ({','.join('?' * len(staged))})",
+                            [s["sha"] for s in staged])
+            self._bump(vectors=True)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            self._release_slots(slots, old_nslots)
+            raise
+        self._gen += 1
+        try:
+            self.index.add(np.array(new_ids, dtype=np.int64), vecs)
+        except BaseException:
+            self._load()  # committed: rebuild the in-memory index from disk
+            raise
+        return new_ids
 
     @staticmethod
     def _check_ref(ref: int | str, field_name: str) -> int | str:
@@ -427,7 +576,8 @@ class ImageStore:
         ref = self._check_ref(ref, "ids")
         if isinstance(ref, int):
             return self.db.execute("SELECT 1 FROM items WHERE id=?", (ref,)).fetchone() is not None
-        return self.db.execute("SELECT 1 FROM items WHERE sha256 LIKE ?", (ref + "%",)).fetchone() is not None
+        return self.db.execute("SELECT 1 FROM items WHERE sha256 >= ? AND sha256 < ? LIMIT 1",
+                               (ref, ref + "g")).fetchone() is not None
 
     def _resolve(self, refs: Iterable[int | str], field_name: str) -> list[int]:
         """Ids or sha256 hex strings (full, or a unique prefix of 8+) -> existing row ids."""
@@ -441,7 +591,9 @@ class ImageStore:
                                      "list the store to see the ids it holds.", field_name)
                 out.append(row[0])
                 continue
-            rows = self.db.execute("SELECT id FROM items WHERE sha256 LIKE ?", (ref + "%",)).fetchall()
+            # a hex prefix range, so SQLite walks the UNIQUE index (LIKE would scan every row)
+            rows = self.db.execute("SELECT id FROM items WHERE sha256 >= ? AND sha256 < ? LIMIT 2",
+                                   (ref, ref + "g")).fetchall()
             if len(rows) != 1:
                 raise StoreError(f"sha256 '{ref}' matches {len(rows)} items.",
                                  "give the full hash or an id." if rows else "list the store to see its hashes.",
@@ -452,8 +604,9 @@ class ImageStore:
     def forget(self, refs: Iterable[int | str], missing_ok: bool = False) -> list[Item]:
         """Delete items by id or sha256: row, vector and stored copy, exactly, in one transaction.
 
-        Cost is one row delete plus one index rewrite; no model weights are touched, nothing
-        is retrained. Returns the forgotten items. ``missing_ok`` makes a repeated request for an
+        Cost per item: a few SQLite pages, one ``dim * 4``-byte zeroing write in
+        ``vectors.f32`` and an in-memory removal, independent of the store size; no model weights
+        are touched, nothing is retrained. Returns the forgotten items. ``missing_ok`` makes a repeated request for an
         item already gone a no-op instead of an error (unlearning requests get retried).
         """
         refs = list(refs)
@@ -465,21 +618,32 @@ class ImageStore:
                 return []
         ids = self._resolve(refs, "ids")
         items = self.get(ids)
-        new_index = self.index.copy()
-        now = time.time()
-
-        def write() -> None:
-            marks = ",".join("?" * len(ids))
+        now, marks = time.time(), ",".join("?" * len(ids))
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self._sync()
+            slots = [r[0] for r in self.db.execute(f"SELECT slot FROM items WHERE id IN ({marks})", ids)]
+            if len(slots) != len(ids):
+                raise StoreError("some of these items were forgotten meanwhile (another process).",
+                                 "list the store and retry.", "ids")
             self.db.execute(f"DELETE FROM items WHERE id IN ({marks})", ids)
             self.db.executemany("INSERT OR REPLACE INTO forgotten(sha256, at) VALUES (?, ?)",
                                 [(it.sha256, now) for it in items])
-            removed = new_index.remove(np.array(ids, dtype=np.int64))
-            if removed != len(ids):
-                raise RuntimeError(f"index held {removed} of {len(ids)} vectors to forget; store inconsistent")
-
-        self._commit(new_index, write)
-        for it in items:
-            (self.path / it.file).unlink(missing_ok=True)
+            self._bump(vectors=True)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        # committed: from here on the items are gone; finish the O(1) clean-up
+        self._gen += 1
+        self.index.remove(np.array(ids, dtype=np.int64))
+        try:
+            self.slots.zero(slots)  # dim * 4 bytes per item, in place; a crash here: the next open zeroes them
+        finally:
+            for x in slots:
+                heapq.heappush(self._free, x)
+            for it in items:
+                (self.path / it.file).unlink(missing_ok=True)
         return items
 
     def set_visibility(self, refs: Iterable[int | str], visibility: str) -> list[int]:
@@ -491,7 +655,7 @@ class ImageStore:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             self.db.execute(f"UPDATE items SET visibility=? WHERE id IN ({marks})", [visibility, *ids])
-            self.db.execute("UPDATE meta SET value=CAST(value AS INTEGER)+1 WHERE key='revision'")
+            self._bump(vectors=False)
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -529,6 +693,7 @@ class ImageStore:
         return {"path": str(self.path), "items": len(self), "public": counts.get("public", 0),
                 "private": counts.get("private", 0), "model": self.config["model"]["name"],
                 "weights": self.config["model"]["weights"], "dim": self.dim, "generation": self.generation,
+                "slots": self._nslots, "free_slots": len(self._free),
                 "forgotten": int(self.db.execute("SELECT COUNT(*) FROM forgotten").fetchone()[0])}
 
     def query_vector(self, text: str | None = None, image: torch.Tensor | None = None) -> np.ndarray:
@@ -561,6 +726,7 @@ class ImageStore:
             raise StoreError(f"k={k} but only {len(visible)} {'' if visibility == 'all' else visibility + ' '}images "
                              f"are in the store.", f"set k <= {len(visible)}.", "k")
         q = self.query_vector(text, image)
+        self._sync()
         scores, ids = self.index.search(q, k, None if visibility == "all" else visible)
         keep = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
         items = {it.id: it for it in self.get([i for i, _ in keep])}
@@ -588,11 +754,11 @@ class ImageStore:
         """Stored unit image embeddings [N, dim] float32 for these ids (in that order)."""
         ids = [int(i) for i in ids]
         self.get(ids)
-        rows = dict(self.db.execute(f"SELECT id, embedding FROM items WHERE id IN ({','.join('?' * len(set(ids)))})",
-                                    sorted(set(ids))).fetchall()) if ids else {}
         if not ids:
             return torch.zeros((0, self.dim), dtype=torch.float32)
-        return torch.from_numpy(np.stack([np.frombuffer(rows[i], dtype=np.float32) for i in ids]).copy())
+        rows = dict(self.db.execute(f"SELECT id, slot FROM items WHERE id IN ({','.join('?' * len(set(ids)))})",
+                                    sorted(set(ids))).fetchall())
+        return torch.from_numpy(self.slots.read([rows[i] for i in ids]))
 
 
 def store_revision(path: str | Path) -> int | None:

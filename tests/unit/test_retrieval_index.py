@@ -68,3 +68,21 @@ def test_k_beyond_size_pads_and_bad_shapes_raise(cls):
         idx.add(np.array([1]), np.zeros((1, 5), dtype=np.float32))
     with pytest.raises(ValueError):
         idx.search(_unit(1, 4, 5), 0)
+
+
+def test_faiss_remove_zeroes_in_place_and_add_reuses_the_position():
+    vecs, ids = _unit(300, 16, 6), np.arange(1, 301, dtype=np.int64)
+    f, n = FaissIndex(16), NumpyIndex(16)
+    f.add(ids, vecs)
+    n.add(ids, vecs)
+    rows_before = f.index.ntotal
+    assert f.remove(np.array([7, 150])) == 2 and n.remove(np.array([7, 150])) == 2
+    assert not f._rows()[[6, 149]].any()  # the removed vectors' bytes are gone from memory
+    q = _unit(5, 16, 7)
+    np.testing.assert_array_equal(f.search(q, 298)[1], n.search(q, 298)[1])  # free rows never returned
+    new = _unit(3, 16, 8)
+    f.add(np.array([400, 401, 402]), new)
+    n.add(np.array([400, 401, 402]), new)
+    assert f.index.ntotal == rows_before + 1  # two freed rows reused, one appended
+    np.testing.assert_array_equal(f.search(q, 10)[1], n.search(q, 10)[1])
+    np.testing.assert_array_equal(f.search(q, 4, ids[::2])[1], n.search(q, 4, ids[::2])[1])

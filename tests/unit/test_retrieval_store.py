@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 
 import numpy as np
@@ -16,7 +17,7 @@ from compartments.retrieval import (
     build_or_update,
     parse_refs,
 )
-from compartments.retrieval.index import FaissIndex
+from compartments.retrieval.store import DB_NAME, VECTORS_NAME, SlotFile
 from compartments.tiny import retrieval as tiny_retrieval
 
 
@@ -45,7 +46,12 @@ def _img(i: int) -> torch.Tensor:
 def _state(s: ImageStore) -> tuple:
     files = sorted(p.name for p in s.path.rglob("*") if p.is_file() and not p.name.endswith("-journal"))
     rows = [(it.id, it.sha256, it.visibility) for it in s.list()]
-    return files, rows, s.generation, s.revision
+    vectors = hashlib.sha256((s.path / VECTORS_NAME).read_bytes()).hexdigest()
+    return files, rows, s.generation, s.revision, vectors
+
+
+def _slot(s: ImageStore, item_id: int) -> int:
+    return s.db.execute("SELECT slot FROM items WHERE id=?", (item_id,)).fetchone()[0]
 
 
 def test_embedder_reads_config_from_metadata_and_gives_unit_vectors(embedder):
@@ -114,6 +120,7 @@ def test_query_by_image_and_text_ranks_by_cosine(store):
 def test_forgotten_image_can_never_be_returned_again(store, embedder, folder):
     target = store.query(image=_img(1), k=1, visibility="all")[0]
     by_hash = store.query(image=_img(4), k=1, visibility="all")[0]
+    gone_bytes = [store.image_embeddings([h.id])[0].numpy().tobytes() for h in (target, by_hash)]
     store.forget([target.id])
     store.forget([by_hash.sha256[:16]])
     gone = {target.id, by_hash.id}
@@ -128,6 +135,8 @@ def test_forgotten_image_can_never_be_returned_again(store, embedder, folder):
                 assert not gone & {h.id for h in s.query(k=n, visibility=vis, **q)}
         assert not gone & {it.id for it in s.list()}
         assert not gone & set(s.index.ids().tolist())
+        on_disk = (s.path / VECTORS_NAME).read_bytes() + (s.path / DB_NAME).read_bytes()
+        assert not any(b in on_disk for b in gone_bytes)
         assert not (s.path / target.file).exists() and not (s.path / by_hash.file).exists()
         with pytest.raises(StoreError, match="not in the store"):
             s.image_embeddings([target.id])
@@ -167,44 +176,136 @@ def test_cancel_mid_add_leaves_the_store_as_it_was(tmp_path, embedder, folder):
     s.close()
 
 
-def test_failure_writing_the_index_rolls_back_everything(tmp_path, embedder, folder, monkeypatch):
+def test_failure_before_the_commit_rolls_back_everything(tmp_path, embedder, folder, monkeypatch):
     s = ImageStore.create(tmp_path / "s", embedder)
-    s.add_files([folder / "img_00.png"])
+    s.add_files([folder / "img_00.png", folder / "img_01.png"])
+    s.forget([1])  # leaves a free slot, so the next add reuses it and also appends
     before = _state(s)
 
-    def disk_full(self, path):
-        path.write_bytes(b"partial")
+    def disk_full(self, slots, vectors):
+        self._pwrite_all(b"partial", int(slots[0]) * self.row)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(FaissIndex, "save", disk_full)
+    monkeypatch.setattr(SlotFile, "write", disk_full)
     with pytest.raises(OSError, match="No space"):
         s.add_folder(folder)
-    with pytest.raises(OSError, match="No space"):
-        s.forget([1])
     monkeypatch.undo()
+    assert _state(s) == before and len(s.index) == 1
+    # a forget whose SQL fails (a real SQLite error, raised by a trigger) changes nothing
+    s.db.execute("CREATE TEMP TRIGGER fail BEFORE DELETE ON items BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END")
+    with pytest.raises(Exception, match="disk I/O"):
+        s.forget([2])
+    s.db.execute("DROP TRIGGER fail")
     assert _state(s) == before and len(s.index) == 1
     s.close()
     s = ImageStore(tmp_path / "s", embedder)
-    assert _state(s) == before and len(s) == 1 and s.list()[0].path.endswith("img_00.png")
+    assert _state(s) == before and len(s) == 1 and s.list()[0].path.endswith("img_01.png")
+    assert s.add_folder(folder).added  # the free slot is usable again
     s.close()
 
 
-def test_lost_or_stale_index_is_rebuilt_from_the_database(store, embedder):
+def test_crash_after_the_forget_commit_is_finished_on_open(store, embedder, monkeypatch):
+    target = store.query(image=_img(2), k=1, visibility="all")[0]
+    slot, vec = _slot(store, target.id), store.image_embeddings([target.id])[0].numpy()
+
+    def crash(self, slots):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(SlotFile, "zero", crash)
+    with pytest.raises(OSError):
+        store.forget([target.id])
+    monkeypatch.undo()
+    # committed: gone from the rows, the in-memory index and the copy, but the slot still holds bytes
+    assert target.id not in {h.id for h in store.query(image=_img(2), k=len(store), visibility="all")}
+    assert target.id not in set(store.index.ids().tolist()) and not (store.path / target.file).exists()
+    np.testing.assert_array_equal(store.slots.read([slot])[0], vec)
+    path = store.path
+    store.close()
+    s = ImageStore(path, embedder)  # open zeroes slots no row names before anything is read
+    assert not s.slots.read([slot]).any()
+    assert vec.tobytes() not in (path / VECTORS_NAME).read_bytes()
+    assert target.id not in {h.id for h in s.query(image=_img(2), k=len(s), visibility="all")}
+    s.close()
+
+
+def test_lost_or_damaged_vectors_are_re_embedded_from_the_copies(store, embedder):
     expected = [h.id for h in store.query(image=_img(2), k=4, visibility="all")]
     store.forget([expected[-1]])
     expected = [h.id for h in store.query(image=_img(2), k=4, visibility="all")]
-    path = store.path
+    path, slot = store.path, _slot(store, expected[0])
     store.close()
-    (index_file,) = path.glob("index-*.faiss")
-    stale = FaissIndex(64)
-    stale.add(np.arange(1, 8), np.eye(64, dtype=np.float32)[:7])  # holds a forgotten id: must not load
-    stale.save(index_file)
+    with SlotFile(path / VECTORS_NAME, 64) as f:
+        f.write([slot], np.full((1, 64), 7.0, dtype=np.float32))  # damaged: not a unit vector
     s = ImageStore(path, embedder)
     assert [h.id for h in s.query(image=_img(2), k=4, visibility="all")] == expected
     s.close()
-    index_file.unlink()
+    (path / VECTORS_NAME).unlink()
+    with pytest.raises(StoreError, match="missing or damaged"):
+        ImageStore(path)  # no embedder: a clear error, never a wrong answer
     s = ImageStore(path, embedder)
     assert [h.id for h in s.query(image=_img(2), k=4, visibility="all")] == expected
+    s.close()
+
+
+def _bulk(s: ImageStore, n: int, seed: int) -> tuple[list[int], np.ndarray]:
+    """Fill a store with ``n`` random unit vectors through its real write path (no images:
+    embedding thousands of pictures would only slow the test; forget never reads pixels)."""
+    rng = np.random.default_rng(seed)
+    vecs = rng.standard_normal((n, s.dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    staged = [{"sha": hashlib.sha256(f"{seed}-{i}".encode()).hexdigest(), "path": f"bulk/{i}.png",
+               "file": f"images/bulk-{i}.png", "pixels": torch.zeros(8, 8, 3)} for i in range(n)]
+    return s._insert(staged, vecs, "bulk", "private"), vecs
+
+
+def _pages(data: bytes, size: int = 4096) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+@pytest.mark.parametrize("n", [40, 4000])
+def test_forget_io_is_constant_and_leaves_no_bytes(tmp_path, embedder, monkeypatch, n):
+    """Forget writes one slot (dim * 4 bytes) in place and a handful of SQLite pages, for 40
+    items as for 4000: the bytes written do not grow with the store (timings are not asserted)."""
+    s = ImageStore.create(tmp_path / "s", embedder)
+    ids, vecs = _bulk(s, n, seed=n)
+    victim = n // 2
+    slot = _slot(s, ids[victim])
+    page_size = s.db.execute("PRAGMA page_size").fetchone()[0]
+    vec_file, db_file = s.path / VECTORS_NAME, s.path / DB_NAME
+    vec_before, db_before = vec_file.read_bytes(), db_file.read_bytes()
+    others = {p: p.stat().st_mtime_ns for p in s.path.rglob("*") if p.is_file() and p not in (vec_file, db_file)}
+    writes: list[tuple[int, int]] = []
+    real_write = SlotFile._pwrite_all
+
+    def spy(self, data, offset):  # records every byte range written to vectors.f32, then writes it
+        writes.append((offset, len(data)))
+        real_write(self, data, offset)
+
+    monkeypatch.setattr(SlotFile, "_pwrite_all", spy)
+    s.forget([ids[victim]])
+    monkeypatch.undo()
+    assert writes == [(slot * s.dim * 4, s.dim * 4)]  # one slot written, nothing else in vectors.f32
+    vec_after = vec_file.read_bytes()
+    assert len(vec_after) == len(vec_before)
+    row = s.dim * 4
+    changed = [i for i, (a, b) in enumerate(zip(vec_before, vec_after, strict=True)) if a != b]
+    assert changed and slot * row <= changed[0] and changed[-1] < (slot + 1) * row
+    assert vec_after[slot * row:(slot + 1) * row] == bytes(row)
+    assert vec_after[:slot * row] == vec_before[:slot * row] and vec_after[(slot + 1) * row:] == vec_before[(slot + 1) * row:]
+    db_after = db_file.read_bytes()
+    pages = sum(a != b for a, b in zip(_pages(db_before, page_size), _pages(db_after, page_size), strict=False))
+    assert pages <= 8 and abs(len(db_after) - len(db_before)) <= page_size
+    assert {p: p.stat().st_mtime_ns for p in others} == others
+    assert vecs[victim].tobytes() not in vec_after + db_after
+    # gone from search for any k, in memory and after reopening; the freed slot is reused
+    _, found = s.index.search(vecs[victim][None], n)
+    assert ids[victim] not in found[0].tolist() and len(s.index) == n - 1
+    s.close()
+    s = ImageStore(tmp_path / "s", embedder)
+    _, found = s.index.search(vecs[victim][None], n)
+    assert ids[victim] not in found[0].tolist() and len(s.index) == n - 1
+    new_ids, _ = _bulk(s, 1, seed=n + 1)
+    assert _slot(s, new_ids[0]) == slot and len(vec_file.read_bytes()) == len(vec_before)
     s.close()
 
 
