@@ -199,6 +199,7 @@ class SoupSave(io.ComfyNode):
             node_id="CompartmentsSoupSave",
             display_name="Save Soup",
             category=CATEGORY,
+            description="Copies the soup (with its manifest and running sum) into models/soups, atomically.",
             is_output_node=True,
             inputs=[
                 SoupType.Input("soup"),
@@ -236,6 +237,7 @@ class SoupLoad(io.ComfyNode):
             node_id="CompartmentsSoupLoad",
             display_name="Load Soup",
             category=CATEGORY,
+            description="Loads a saved soup from models/soups as MODEL, CLIP and VAE, with its manifest.",
             inputs=[io.Combo.Input("soup_name", options=folder_paths.get_filename_list(SOUPS))],
             outputs=_soup_outputs(),
         )
@@ -257,6 +259,7 @@ class SoupInspect(io.ComfyNode):
             node_id="CompartmentsSoupInspect",
             display_name="Inspect Soup",
             category=CATEGORY,
+            description="The soup's manifest: members, content hashes, weights, base, dtype, exactness, history.",
             inputs=[
                 SoupType.Input("soup"),
                 io.Boolean.Input("as_json", default=False),
