@@ -10,11 +10,17 @@ Figures (one JSON line each):
   the node) on a video of F frames, with and without the layers, when ComfyUI is found;
   latent size ``--unet-latent`` (default 8 = 64x64 px: the full UNet at 64x64 latents takes
   minutes per call on a shared 2-core CPU).
-* ``animatediff_evolved``: the same graph through AnimateDiff-Evolved when it sits beside
-  ComfyUI (custom_nodes/ComfyUI-AnimateDiff-Evolved or ~/ComfyUI-AnimateDiff-Evolved);
-  otherwise a line saying it is not available.
+* ``side_by_side_*``: the same ComfyUI graph (CheckpointLoaderSimple -> motion module -> KSampler,
+  cfg 2, euler, 1 step, 64x64 px = 8x8 latents, 16 and 32 frames) through Compartments
+  (``CompartmentsLoadMotionModule`` + ``CompartmentsApplyTemporalLayers``) and through
+  AnimateDiff-Evolved (``ADE_AnimateDiffLoaderGen1``, beta schedule "use existing"), each in its own
+  process, on a full-size SD1.5 checkpoint and AnimateDiff SD1.5 v3 motion module with seeded random
+  weights (``tiny/temporal_full.py``; ADE accepts only real SD1.5/SDXL layouts): frames/s, peak memory,
+  and the max abs difference of the two first denoised latents. AnimateDiff-Evolved is looked up
+  with ``--ade PATH``, in ``COMFYUI_PATH/custom_nodes`` or at ``~/ComfyUI-AnimateDiff-Evolved``;
+  without it the figure says "not available".
 
-``--quick``: 16 frames only, fewer repeats. Run: ``python -m compartments.benchmarks.temporal``
+``--quick``: 16 frames only, no full-size side-by-side run. ``--figures layers,unet,ade`` picks groups. Run: ``python -m compartments.benchmarks.temporal``
 or ``python benchmarks/temporal.py``.
 """
 
@@ -25,6 +31,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -145,20 +152,181 @@ def run_unet(frames_list: list[int], latent: int, repeats: int) -> None:
                  latent=f"{latent}x{latent}", device=dev.type, attention="sdpa", seconds=round(min(times), 3))
 
 
-def run_animatediff_evolved() -> None:
+ADE_DIR = "ComfyUI-AnimateDiff-Evolved"
+PROMPT, NEGATIVE = "a cat walking on a beach, video", "blurry"
+
+
+def find_ade(explicit: str | None) -> Path | None:
+    """AnimateDiff-Evolved: ``--ade PATH``, else ``COMFYUI_PATH/custom_nodes``, else ``~/ComfyUI-AnimateDiff-Evolved``."""
+    places: list[Path] = [Path(explicit).expanduser()] if explicit else []
     comfy_dir = _find_comfyui()
-    places = [Path.home() / "ComfyUI-AnimateDiff-Evolved"]
     if comfy_dir is not None:
-        places.insert(0, comfy_dir / "custom_nodes" / "ComfyUI-AnimateDiff-Evolved")
-    found = [p for p in places if (p / "animatediff").is_dir()]
-    if not found:
-        emit("animatediff_evolved", None, "frames/s",
-             note="not available here: AnimateDiff-Evolved is not installed beside ComfyUI "
-                  "(and it accepts only full SD1.5/SDXL channel layouts, not the tiny module)")
+        places.append(comfy_dir / "custom_nodes" / ADE_DIR)
+    places.append(Path.home() / ADE_DIR)
+    return next((p.resolve() for p in places if (p / "animatediff" / "nodes_gen1.py").is_file()), None)
+
+
+def _run_node(cls, **inputs) -> tuple:
+    """Execute one node as ComfyUI's executor does (V3 class clone, or a V1 instance)."""
+    import asyncio
+    import inspect
+
+    from comfy_api.internal import _ComfyNodeInternal, make_locked_method_func
+
+    if issubclass(cls, _ComfyNodeInternal):
+        cls.VALIDATE_CLASS()
+        clone = cls.PREPARE_CLASS_CLONE({})
+        name = "EXECUTE_NORMALIZED_ASYNC" if inspect.iscoroutinefunction(cls.execute) else "EXECUTE_NORMALIZED"
+        out = make_locked_method_func(cls, name, clone)(**inputs)
+        out = asyncio.run(out) if inspect.iscoroutine(out) else out
+        return tuple(out.result or ())
+    out = getattr(cls(), cls.FUNCTION)(**inputs)
+    out = asyncio.run(out) if inspect.iscoroutine(out) else out
+    return tuple(out.get("result", ()) if isinstance(out, dict) else out)
+
+
+def graph_child(impl: str, frames: int, steps: int, ckpt: str, motion: str, ade: str | None, out: str,
+                with_image: bool) -> dict:
+    """In a fresh process: a real ComfyUI (in-process, --cpu unless CUDA, temp base dir) runs
+    CheckpointLoaderSimple -> motion module -> KSampler with ``impl`` = "compartments" or "ade".
+
+    The KSampler runs three times (the first call also loads the model); the best of the other two is
+    timed. The first
+    output (``steps=1``: exactly the first denoised latent) is saved to ``out`` for the comparison.
+    """
+    import asyncio
+
+    from safetensors.torch import save_file
+
+    comfy_dir = _find_comfyui()
+    assert comfy_dir is not None
+    base = Path(out).parent / f"base-{impl}-{frames}"  # removed with the parent's work folder
+    for sub in ("models/checkpoints", "models/animatediff_models", "input", "output", "temp", "user", "custom_nodes"):
+        (base / sub).mkdir(parents=True)
+    os.symlink(ckpt, base / "models/checkpoints/temporal-full-sd15.safetensors")
+    os.symlink(motion, base / "models/animatediff_models/temporal-full-mm-sd15-v3.safetensors")
+    sys.path.insert(0, str(comfy_dir))
+    from comfy.cli_args import args
+
+    args.cpu = not torch.cuda.is_available()
+    args.base_directory = str(base)
+    args.disable_auto_launch = True
+    import folder_paths
+
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.set_input_directory(str(base / "input"))
+    folder_paths.set_temp_directory(str(base / "temp"))
+    import comfy.model_management as mm
+    import utils.install_util  # noqa: F401  (as main.py does: later imports add comfy/ to sys.path, shadowing it)
+
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    if impl == "ade":
+        if not asyncio.run(nodes.load_custom_node(str(ade))):
+            raise RuntimeError(f"AnimateDiff-Evolved at {ade} failed to import into this ComfyUI")
+    else:
+        from compartments.nodes import all_nodes
+
+        for cls in all_nodes():
+            nodes.NODE_CLASS_MAPPINGS[cls.GET_SCHEMA().node_id] = cls
+    N = nodes.NODE_CLASS_MAPPINGS
+    t0 = time.perf_counter()
+    model, clip, _vae = _run_node(N["CheckpointLoaderSimple"], ckpt_name="temporal-full-sd15.safetensors")[:3]
+    pos = _run_node(N["CLIPTextEncode"], clip=clip, text=PROMPT)[0]
+    neg = _run_node(N["CLIPTextEncode"], clip=clip, text=NEGATIVE)[0]
+    mm_name = "temporal-full-mm-sd15-v3.safetensors"
+    if impl == "ade":
+        # "use existing": keep ComfyUI's SD1.5 noise schedule, as the Compartments graph does
+        video = _run_node(N["ADE_AnimateDiffLoaderGen1"], model=model, model_name=mm_name,
+                          beta_schedule="use existing")[0]
+    else:
+        layers = _run_node(N["CompartmentsLoadMotionModule"], motion_module=mm_name)[0]
+        video = _run_node(N["CompartmentsApplyTemporalLayers"], model=model, temporal_layers=layers,
+                          frame_count=frames, context_length=0, context_overlap=4, context_blend="pyramid",
+                          alpha=-1.0, alpha_overrides="")[0]
+    load_s = time.perf_counter() - t0
+    latent = _run_node(N["EmptyLatentImage"], width=64, height=64, batch_size=frames)[0]
+
+    def sample(m) -> tuple[torch.Tensor, float]:
+        t = time.perf_counter()
+        res = _run_node(N["KSampler"], model=m, seed=0, steps=steps, cfg=2.0, sampler_name="euler",
+                        scheduler="normal", positive=pos, negative=neg, latent_image=latent, denoise=1.0)[0]
+        return res["samples"].float().cpu(), time.perf_counter() - t
+
+    first, cold_s = sample(video)
+    warm_s = min(sample(video)[1] for _ in range(2))  # shared CPU: best of two warm calls
+    tensors = {"video": first.contiguous()}
+    if with_image:
+        tensors["image"] = sample(model)[0].contiguous()
+    save_file(tensors, out)
+    dev = mm.get_torch_device()
+    peak = torch.cuda.max_memory_allocated() / 1024 ** 3 if dev.type == "cuda" else _peak_rss_gb()
+    return {"impl": impl, "frames": frames, "steps": steps, "load_s": load_s, "cold_s": cold_s, "seconds": warm_s,
+            "fps": frames / warm_s, "peak_gb": peak, "device": dev.type, "threads": torch.get_num_threads(),
+            "finite": bool(torch.isfinite(first).all())}
+
+
+def _child(args: list[str], env: dict[str, str]) -> tuple[dict | None, str]:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[7:]), ""
+    tail = (proc.stderr.strip() or proc.stdout.strip() or "failed").splitlines()[-3:]
+    return None, " | ".join(tail)
+
+
+def run_side_by_side(frames_list: list[int], ade_arg: str | None, steps: int) -> None:
+    """The same graph through Compartments and AnimateDiff-Evolved, full-size SD1.5 + v3 module, 8x8 latents."""
+    ade = find_ade(ade_arg)
+    comfy_dir = _find_comfyui()
+    if comfy_dir is None or ade is None:
+        emit("side_by_side_fps", None, "frames/s",
+             note="not available: " + ("ComfyUI not found (set COMFYUI_PATH)" if comfy_dir is None else
+                                       f"AnimateDiff-Evolved not found (COMFYUI_PATH/custom_nodes/{ADE_DIR}, "
+                                       f"~/{ADE_DIR}, or --ade PATH)"))
         return
-    emit("animatediff_evolved", None, "frames/s", path=str(found[0]),
-         note="found, but not run: it accepts only full SD1.5/SDXL channel layouts (320/640/1280[/1280]), "
-              "so the tiny module cannot go through it; compare with full-size weights on a GPU")
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from compartments.tiny.temporal_full import motion_module_v3, sd15_checkpoint
+
+    ckpt, motion = sd15_checkpoint(0), motion_module_v3(0)
+    env = {**os.environ, "PYTHONPATH": str(ROOT.parent), "COMFYUI_PATH": str(comfy_dir)}
+    common = {"model": "full-size SD1.5 UNet + AnimateDiff SD1.5 v3 module (random seeded weights)",
+              "latent": "8x8", "pixels": "64x64", "steps": steps, "cfg": 2.0, "sampler": "euler"}
+    work = Path(tempfile.mkdtemp(prefix="temporal-side-by-side-"))
+    for frames in frames_list:
+        results: dict[str, dict] = {}
+        for impl in ("compartments", "ade"):
+            out = work / f"{impl}-{frames}.safetensors"
+            r, err = _child(["--graph-child", impl, str(frames), str(steps), str(ckpt), str(motion), str(ade), str(out),
+                             "1" if impl == "compartments" and frames == frames_list[0] else "0"], env)
+            label = "Compartments" if impl == "compartments" else f"AnimateDiff-Evolved ({ade.name})"
+            if r is None:
+                emit("side_by_side_fps", None, "frames/s", implementation=label, frames=frames, error=err, **common)
+                continue
+            results[impl] = r
+            params = {"implementation": label, "frames": frames, "device": r["device"], "threads": r["threads"],
+                      **common}
+            emit("side_by_side_fps", round(r["fps"], 3), "frames/s", seconds=round(r["seconds"], 2),
+                 first_call_seconds=round(r["cold_s"], 2), load_seconds=round(r["load_s"], 2), **params)
+            emit("side_by_side_peak_memory", round(r["peak_gb"], 2), "GB",
+                 measure="cuda max allocated" if r["device"] == "cuda" else "peak RSS of the process (incl. loading)",
+                 **params)
+        if len(results) == 2:
+            a = load_file(str(work / f"compartments-{frames}.safetensors"))
+            b = load_file(str(work / f"ade-{frames}.safetensors"))
+            diff = (a["video"] - b["video"]).abs()
+            extra = {}
+            if "image" in a:
+                extra["temporal_effect_max_abs"] = round(float((a["video"] - a["image"]).abs().max()), 5)
+            emit("side_by_side_max_abs_diff", float(diff.max()), "latent units", frames=frames,
+                 mean_abs=float(diff.mean()), latent_std=round(float(a["video"].std()), 4),
+                 compared="first denoised latent (KSampler output at steps=1)" if steps == 1 else
+                 f"KSampler output after {steps} steps", **extra, **common)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,25 +336,43 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(max(torch.get_num_threads(), 1))
         print(json.dumps(layers_child(frames, latent, backend, repeats)))
         return 0
+    if argv and argv[0] == "--graph-child":
+        impl, frames, steps, ckpt, motion, ade, out, with_image = argv[1:9]
+        r = graph_child(impl, int(frames), int(steps), ckpt, motion, ade, out, with_image == "1")
+        print("RESULT " + json.dumps(r), flush=True)
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="16 frames only, one repeat")
+    ap.add_argument("--quick", action="store_true",
+                    help="16 frames only, one repeat, no full-size side-by-side run")
     ap.add_argument("--latent", type=int, default=64, help="latent side for the temporal-layer figures")
     ap.add_argument("--unet-latent", type=int, default=8, help="latent side for the full-UNet figure")
-    ap.add_argument("--no-unet", action="store_true", help="skip the full-UNet figure")
+    ap.add_argument("--no-unet", action="store_true", help="skip the tiny full-UNet figure")
+    ap.add_argument("--figures", default="layers,unet,ade",
+                    help="comma list of figure groups to run: layers, unet, ade (default: all)")
+    ap.add_argument("--ade", default=None, help="path of ComfyUI-AnimateDiff-Evolved (else found beside ComfyUI)")
+    ap.add_argument("--steps", type=int, default=1,
+                    help="KSampler steps in the side-by-side graph (1: the output is the first denoised latent)")
     ns = ap.parse_args(argv)
     from compartments.temporal.layers import attention_backends
 
+    groups = {g.strip() for g in ns.figures.split(",") if g.strip()}
     frames_list = [16] if ns.quick else [16, 32]
-    repeats = 1 if ns.quick else 3
-    for backend in ("sdpa", "xformers"):
-        if backend not in attention_backends():
-            emit("temporal_layers_fps", None, "frames/s", attention=backend, note="xformers not installed")
-            continue
-        for frames in frames_list:
-            run_layers(frames, ns.latent, backend, repeats)
-    if not ns.no_unet:
+    repeats = 1
+    if "layers" in groups:
+        for backend in ("sdpa", "xformers"):
+            if backend not in attention_backends():
+                emit("temporal_layers_fps", None, "frames/s", attention=backend, note="xformers not installed")
+                continue
+            for frames in frames_list:
+                run_layers(frames, ns.latent, backend, repeats)
+    if "unet" in groups and not ns.no_unet:
         run_unet(frames_list, ns.unet_latent, 1)
-    run_animatediff_evolved()
+    if "ade" in groups:
+        if ns.quick:
+            emit("side_by_side_fps", None, "frames/s",
+                 note="skipped in --quick (full-size SD1.5 + motion module: ~2.5 GB of files, minutes of CPU)")
+        else:
+            run_side_by_side(frames_list, ns.ade, ns.steps)
     if not torch.cuda.is_available():
         emit("gpu_real_weights", None, "frames/s", note="not measured: no GPU lent")
     return 0
