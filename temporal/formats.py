@@ -207,7 +207,9 @@ def _load_strict(module: MotionModule, sd: dict[str, torch.Tensor], info: Motion
     if bad:
         k = bad[0]
         raise FormatError(f"shape mismatch at {k}: file {tuple(sd[k].shape)} vs expected {tuple(own[k].shape)}")
-    module.load_state_dict({k: v.float() for k, v in sd.items()})
+    # load_state_dict copies (and casts) into the module's own fp32 parameters one tensor at a
+    # time; casting the whole dict first would hold a second fp32 copy of the module at peak.
+    module.load_state_dict(sd)
 
 
 def load_motion_module(path: str | Path, norm: str = "frame") -> tuple[MotionModule, MotionInfo]:

@@ -108,6 +108,10 @@ def comfy(tmp_path_factory) -> InProcessComfy:
             new = [p.replace(old, str(base / "models")) for p in paths]
             folder_paths.folder_names_and_paths[name] = (new, exts)
         folder_paths.models_dir = str(base / "models")
+    # As main.py does, import ComfyUI's utils package before nodes: nodes.py puts comfy/ first on
+    # sys.path, after which 'utils' would resolve to comfy/utils.py and nodes_images would not import.
+    import utils.install_util  # noqa: F401
+
     import nodes
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))

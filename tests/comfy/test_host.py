@@ -35,3 +35,9 @@ def test_tiny_checkpoint_is_detected_as_sd15_and_samples(comfy, sd15):
     assert out["samples"].shape == (1, 4, 8, 8) and torch.isfinite(out["samples"]).all()
     (image,) = comfy.run("VAEDecode", samples=out, vae=vae)
     assert image.shape == (1, 64, 64, 3) and torch.isfinite(image).all()
+
+
+def test_core_nodes_the_workflows_use_are_loaded(comfy):
+    """Core extras our workflows rely on imported cleanly in-process (torch/torchaudio pairing)."""
+    for node_id in ("SaveAnimatedWEBP", "PreviewAny", "SamplerCustomAdvanced", "ModelMergeSimple", "unCLIPConditioning"):
+        assert comfy.node(node_id)
