@@ -11,8 +11,8 @@ least one hallucinated object / captions.
 pipeline then runs end to end, but the CHAIR figures of a random model are meaningless;
 only the timing ratio says something (about per-token overhead, not quality).
 
-    python -m compartments.benchmarks.m3id --quick
-    python -m compartments.benchmarks.m3id --vlm models/vlm/llava-1.5-7b-hf \\
+    python benchmarks/m3id.py --quick
+    python benchmarks/m3id.py --vlm models/vlm/llava-1.5-7b-hf \\
         --captions captions_val2014.json --instances instances_val2014.json --images val2014/ \\
         --max-images 500 --device cuda --dtype float16
 """
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from ..samplers.m3id import CaptionResult, M3IDSettings, caption_images
-from ..samplers.m3id_models import load_vlm
+from compartments.samplers.m3id import CaptionResult, M3IDSettings, caption_images
+from compartments.samplers.m3id_models import load_vlm
 
 # the usual CHAIR synonyms for COCO categories (subset of the original list; extend freely)
 SYNONYMS: dict[str, list[str]] = {
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     note = None
     if args.quick:
-        from ..tiny import m3id as tiny
+        from compartments.tiny import m3id as tiny
 
         root = Path(tempfile.mkdtemp(prefix="m3id-bench-"))
         cap_path, inst_path, img_dir = tiny.coco_set(root, n=6)

@@ -20,7 +20,7 @@ Figures (one JSON line each):
   with ``--ade PATH``, in ``COMFYUI_PATH/custom_nodes`` or at ``~/ComfyUI-AnimateDiff-Evolved``;
   without it the figure says "not available".
 
-``--quick``: 16 frames only, no full-size side-by-side run. ``--figures layers,unet,ade`` picks groups. Run: ``python -m compartments.benchmarks.temporal``
+``--quick``: 16 frames only, no full-size side-by-side run. ``--figures layers,unet,ade`` picks groups. Run: ``python benchmarks/temporal.py``
 or ``python benchmarks/temporal.py``.
 """
 

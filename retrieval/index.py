@@ -6,7 +6,7 @@ save, load, copy). :class:`FaissIndex` is the shipped backend: faiss ``IndexIDMa
 search is exact. The ids are the SQLite row ids of the store, which is what lets "forget"
 delete exactly one vector. :class:`NumpyIndex` is the brute-force reference the tests and the
 benchmark compare faiss against. A store that outgrows one machine implements the same five
-methods over a server-side engine (docs/retrieval.md).
+methods over a server-side engine (README.md, section "Retrieval store").
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ failure or Cancel before the commit leaves only unreferenced slots, zeroed again
 (or by the next open). A forget commits the row delete, then zeroes the slot in place (one
 ``dim * 4``-byte write + fsync) and removes the id from the in-memory index; a crash in between
 leaves an unreferenced slot that the next open zeroes before anything is read. So forget costs
-O(1) I/O whatever the store size (docs/retrieval.md). Live slots whose vector is missing or
+O(1) I/O whatever the store size (README.md, section "Retrieval store"). Live slots whose vector is missing or
 damaged are re-embedded from the stored copies on open (with the store's embedder).
 
 Forgetting is exact: the row is deleted (``secure_delete``: SQLite overwrites it), the vector

@@ -31,7 +31,7 @@ scores at every evaluated point, which give
 Jacobian, i.e. extra model evaluations, so by default it is **omitted** (free: no extra
 conds); it is exactly zero when both distributions have the same covariance structure
 (same-shape Gaussians). Omitting it misses the normalisation of a *narrower* private law,
-which matters for copy protection (see docs/cpr.md), so it can be included: exactly when the
+which matters for copy protection (see README.md, section "CPR"), so it can be included: exactly when the
 caller knows ``div D`` (toys) or by a one-probe Hutchinson estimate (:func:`hutchinson_div_diff`,
 two extra conds in the same batched call; the guider's ``laplacian_probe`` option). The
 estimate starts at ``r = 0`` at the first evaluated point (at ``sigma_max`` both diffused

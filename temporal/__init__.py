@@ -1,6 +1,6 @@
 """Temporal layers (Video LDM) for image UNets: layers, AnimateDiff/own formats, injection, context windows.
 
-Plain torch and safetensors; never imports ComfyUI. See docs/temporal.md.
+Plain torch and safetensors; never imports ComfyUI. See README.md, section "Temporal layers".
 """
 
 from .context import WindowError, blend_weights, check_windows, fuse, run_windowed, windows

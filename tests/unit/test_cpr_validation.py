@@ -1,6 +1,6 @@
 """CPR on exact-answer toys (2-D Gaussians / mixtures with closed-form denoisers).
 
-Tolerances are the ones stated in docs/cpr.md; the full-size figures come from
+Tolerances are the ones stated in README.md, section "CPR"; the full-size figures come from
 ``python -m compartments.samplers.cpr_toy``. Sizes here are cut to keep the tier CPU-cheap.
 """
 
@@ -40,7 +40,7 @@ def test_kl_equal_covariance_hits_the_geometric_target(method: str) -> None:
     assert (m - em).abs().max() < 4 * (torch.diagonal(ec).max().sqrt() / N**0.5)
     assert (c - ec).abs().max() < 0.05
     # exact law vs the geometric target: the geometric mix is exact here; what is left is the
-    # N(0, sigma_max^2) start and the step count (docs/cpr.md: <= 0.02 mean, <= 0.12 cov at 100 steps)
+    # N(0, sigma_max^2) start and the step count (README.md, section "CPR": <= 0.02 mean, <= 0.12 cov at 100 steps)
     assert (em - tm).abs().max() < 0.02
     assert (ec - tc).abs().max() < 0.12
     # and the sample itself lands on the target
