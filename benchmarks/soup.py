@@ -152,7 +152,8 @@ def run_variant(name: str, paths: list[Path], out: Path, warm: bool, extra_cold:
     if not warm:
         drop_cache([*paths, *extra_cold])
     cmd = [sys.executable, __file__, "--child", name, "--out", str(out), "--paths", *map(str, paths)]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    # torch's own default (one thread per core), as inside ComfyUI; OMP_NUM_THREADS overrides.
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"variant {name} failed:\n{res.stderr[-3000:]}")
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     members = [make_member(args.dir, i, mib) for i in range(max(ns))]
     size = members[0].stat().st_size
     cache = "warm page cache" if args.warm else "cold (posix_fadvise DONTNEED before each variant)"
-    common = {"member_gib": round(size / GiB, 3), "member_mb": round(size / 1e6), "cache": cache, "cpu_threads": int(os.environ.get("OMP_NUM_THREADS", "1"))}
+    common = {"member_gib": round(size / GiB, 3), "member_mb": round(size / 1e6), "cache": cache, "cpu_threads": int(os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))}
     for n in ns:
         paths = members[:n]
         soup = args.dir / f"soup-{n}.safetensors"
