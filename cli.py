@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .atomic import write_text
 from .client import ComfyClient, ComfyError, ComfyServer
 
 PACK = Path(__file__).resolve().parent
@@ -139,9 +140,7 @@ def cmd_ui_workflow(args: argparse.Namespace) -> int:
         api = _load_workflow(path)
         ui = api_to_ui(api, info)
         target = Path(args.out_dir or WORKFLOWS) / Path(path).name
-        tmp = target.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(ui, indent=2) + "\n")
-        os.replace(tmp, target)
+        write_text(target, json.dumps(ui, indent=2) + "\n")
         print(f"wrote {target}")
     return 0
 
@@ -153,9 +152,7 @@ def cmd_node_list(args: argparse.Namespace) -> int:
     if not ours:
         raise ComfyError(f"no Compartments nodes on {args.url}: is the pack in its custom_nodes?")
     target = PACK / "node_list.json"
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(ours, indent=2) + "\n")
-    os.replace(tmp, target)
+    write_text(target, json.dumps(ours, indent=2) + "\n")
     print(f"wrote {target} ({len(ours)} nodes)")
     return 0
 

@@ -19,6 +19,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from .. import soup as engine
+from ..atomic import replacing
 from ..soup.st import Reader
 from . import _host
 
@@ -216,14 +217,9 @@ class SoupSave(io.ComfyNode):
         if os.path.exists(target) and not overwrite:
             raise _host.InputError(node, "filename", f"{os.path.basename(target)} already exists in models/soups.",
                                    "choose another name or enable overwrite.")
-        tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{os.getpid()}.partial")
-        try:
+        with replacing(target, suffix=".partial", fsync=False) as tmp:
             shutil.copyfile(soup.path, tmp)
             _host.check_interrupt()
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         name = os.path.relpath(target, os.path.realpath(_host.folder_dirs(SOUPS)[0]))
         return io.NodeOutput(name, ui={"text": [f"saved models/soups/{name}"]})
 

@@ -12,11 +12,12 @@ methods over a server-side engine (README.md, section "Retrieval store").
 from __future__ import annotations
 
 import heapq
-import os
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+
+from ..atomic import replacing
 
 
 @runtime_checkable
@@ -58,16 +59,6 @@ def _as_vectors(vectors: np.ndarray, dim: int) -> np.ndarray:
 
 def _as_ids(ids: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
-
-
-def _tmp_for(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def _fsync_replace(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class FaissIndex:
@@ -165,19 +156,13 @@ class FaissIndex:
 
     def save(self, path: Path) -> None:
         """Write the live vectors, compacted, as a faiss IndexIDMap(IndexFlatIP) file."""
-        path = Path(path)
-        tmp = _tmp_for(path)
         faiss = self._faiss
         ids = self.ids()
         out = faiss.IndexIDMap(faiss.IndexFlatIP(self.dim))
         if len(ids):
             out.add_with_ids(self.vectors(ids), ids)
-        try:
+        with replacing(path) as tmp:
             faiss.write_index(out, str(tmp))
-            _fsync_replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
 
     @classmethod
     def load(cls, path: Path) -> FaissIndex:
@@ -246,14 +231,8 @@ class NumpyIndex:
     def save(self, path: Path) -> None:
         from safetensors.numpy import save_file
 
-        path = Path(path)
-        tmp = _tmp_for(path)
-        try:
+        with replacing(path) as tmp:
             save_file({"ids": self._ids, "vectors": self._vecs}, str(tmp), metadata={"dim": str(self.dim)})
-            _fsync_replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
 
     @classmethod
     def load(cls, path: Path) -> NumpyIndex:

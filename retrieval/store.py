@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import write_bytes
 from .embed import Embedder
 from .index import BACKENDS, VectorIndex
 
@@ -159,19 +160,6 @@ def _sha256(data: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 class SlotFile:
@@ -517,7 +505,7 @@ class ImageStore:
             for s in staged:
                 dst = self.path / s["file"]
                 if not dst.exists():
-                    _atomic_write(dst, s["data"])
+                    write_bytes(dst, s["data"])
                     written.append(dst)
             new_ids = self._insert(staged, vecs, owner, visibility)
         except BaseException:

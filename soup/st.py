@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import replacing
+
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -262,20 +264,10 @@ def atomic_writer(path: str | os.PathLike, plan: list[Planned], metadata: dict[s
     Any exception (a Cancel from the UI included) removes the partial file, so an interrupted
     soup never leaves a half-written model, and an existing target stays as it was.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(tmp, "wb") as f:
-            w = Writer(f, plan, metadata, shrink, reserve)
-            yield w
-            w.finish()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with replacing(path, suffix=".partial") as tmp, open(tmp, "wb") as f:
+        w = Writer(f, plan, metadata, shrink, reserve)
+        yield w
+        w.finish()
 
 
 def copy_file_stream(src: Reader, keys: Iterable[str], write: Callable[[str, memoryview], None]) -> None:

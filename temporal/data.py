@@ -7,7 +7,6 @@ code. Frames are never modified in place; resizing makes new images.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageSequence
+
+from ..atomic import replacing
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 VIDEO_EXTS = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v"}
@@ -128,8 +129,7 @@ def save_frames(images: Sequence[Image.Image], folder: str | Path, prefix: str =
     paths = []
     for i, im in enumerate(images):
         p = folder / f"{prefix}_{i:05d}.png"
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-        im.save(tmp, format="PNG")
-        os.replace(tmp, p)
+        with replacing(p, fsync=False) as tmp:
+            im.save(tmp, format="PNG")
         paths.append(p)
     return paths

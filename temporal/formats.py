@@ -26,6 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from ..atomic import replacing
 from .layers import Layout, MotionModule, make_layout
 
 FORMAT_TAG = "temporal-layers"
@@ -251,14 +252,8 @@ def save_layers(module: MotionModule, path: str | Path, frames: int, base: str |
     }
     meta.update(extra or {})
     sd = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with replacing(path, fsync=False) as tmp:
         save_file(sd, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
