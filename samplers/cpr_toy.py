@@ -263,6 +263,15 @@ def _r(t: torch.Tensor) -> list[float]:
     return [round(float(v), 4) for v in t.reshape(-1)]
 
 
+def _kl_laws(pub: Mixture, priv: Mixture, lam: float, sig: torch.Tensor, n: int, seed: int):
+    """Per sampler: the geometric target, the ODE limit, the sampler's exact law and the samples' moments."""
+    target, ode = geometric_target(pub, priv, lam), exact_ode_law(pub, priv, lam)
+    for method in ("euler", "euler_ancestral"):
+        exact = exact_discrete_law(pub, priv, lam, sig, method)
+        x = sample(kl_denoiser(pub, priv, lam), n, sig, torch.Generator().manual_seed(seed), method)
+        yield method, target, ode, exact, moments(x)
+
+
 def kl_equal_covariance(n: int = 20000, steps: int = 200, seed: int = 0) -> list[dict]:
     """Equal covariances: the geometric mix is exact. MC moments vs the sampler's exact law
     (checks the implementation) and that law vs the geometric target (the remaining gap is the
@@ -272,12 +281,7 @@ def kl_equal_covariance(n: int = 20000, steps: int = 200, seed: int = 0) -> list
     sig = karras_sigmas(steps)
     out = []
     for lam in (0.25, 0.5, 0.75):
-        tm, tc = geometric_target(pub, priv, lam)
-        om, oc = exact_ode_law(pub, priv, lam)
-        for method in ("euler", "euler_ancestral"):
-            em, ec = exact_discrete_law(pub, priv, lam, sig, method)
-            x = sample(kl_denoiser(pub, priv, lam), n, sig, torch.Generator().manual_seed(seed), method)
-            m, c = moments(x)
+        for method, (tm, tc), (om, oc), (em, ec), (m, c) in _kl_laws(pub, priv, lam, sig, n, seed):
             out.append({"figure": "kl_equal_cov", "lambda": lam, "sampler": method, "n": n, "steps": steps,
                         "target_mean": _r(tm), "sample_mean": _r(m),
                         "mc_vs_target_mean_err": round(float((m - tm).abs().max()), 4),
@@ -297,12 +301,7 @@ def kl_unequal_covariance(n: int = 20000, steps: int = 60, seed: int = 0) -> lis
     sig = karras_sigmas(steps)
     out = []
     for lam in (0.5,):
-        tm, tc = geometric_target(pub, priv, lam)
-        om, oc = exact_ode_law(pub, priv, lam)
-        for method in ("euler", "euler_ancestral"):
-            em, ec = exact_discrete_law(pub, priv, lam, sig, method)
-            x = sample(kl_denoiser(pub, priv, lam), n, sig, torch.Generator().manual_seed(seed), method)
-            m, c = moments(x)
+        for method, (tm, tc), (om, oc), (em, ec), (m, c) in _kl_laws(pub, priv, lam, sig, n, seed):
             out.append({"figure": "kl_unequal_cov", "lambda": lam, "sampler": method, "n": n, "steps": steps,
                         "sample_mean": _r(m), "sample_var": _r(torch.diagonal(c)),
                         "exact_sampler_mean": _r(em), "exact_sampler_var": _r(torch.diagonal(ec)),
