@@ -29,6 +29,9 @@ INPUT_FOLDER = "retrieval_demo"
 QUERY_IMAGE = "retrieval-query.png"
 
 
+PREBUILT_STORE = "retrieval-prebuilt"
+
+
 def clip_weights(seed: int = 0) -> Path:
     """Seeded tiny open_clip model as safetensors (config in metadata); cached."""
     config = {"model_cfg": MODEL_CONFIG, "seed": seed, "kind": "open_clip"}
@@ -80,8 +83,9 @@ def images_folder(count: int = IMAGE_COUNT, size: int = 64, junk: bool = True) -
 
 
 def prepare(models_dir: Path, input_dir: Path) -> dict:
-    """Place the tiny open_clip weights in models/clip_vision, the demo folder in input/ and a
-    query image (a copy of img_03.png) at input/retrieval-query.png for LoadImage."""
+    """Place the tiny open_clip weights in models/clip_vision, the demo folder in input/, a
+    query image (a copy of img_03.png) at input/retrieval-query.png for LoadImage, and a store
+    built from the demo folder at models/retrieval_stores/retrieval-prebuilt."""
     weights = link_into(clip_weights(), Path(models_dir) / "clip_vision" / WEIGHTS_NAME)
     folder = Path(input_dir) / INPUT_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
@@ -89,6 +93,15 @@ def prepare(models_dir: Path, input_dir: Path) -> dict:
     for f in sorted(src.iterdir()):
         link_into(f, folder / f.name)
     link_into(src / "img_03.png", Path(input_dir) / QUERY_IMAGE)
-    (Path(models_dir) / "retrieval_stores").mkdir(parents=True, exist_ok=True)
+    stores = Path(models_dir) / "retrieval_stores"
+    stores.mkdir(parents=True, exist_ok=True)
+    if not (stores / PREBUILT_STORE).exists():
+        # A store the workflows can open with Load Image Store. Built here, not linked from the
+        # cache: stores are written to (visibility, forget), and the cache must stay as built.
+        from ..retrieval.embed import Embedder
+        from ..retrieval.store import build_or_update
+
+        store, _report, _created = build_or_update(stores / PREBUILT_STORE, Embedder(weights), src, owner="demo")
+        store.close()
     placed = [f"{INPUT_FOLDER}/{f.name}" for f in sorted(src.iterdir())]
-    return {"clip_vision": [weights.name], "input": [*placed, QUERY_IMAGE]}
+    return {"clip_vision": [weights.name], "retrieval_stores": [PREBUILT_STORE], "input": [*placed, QUERY_IMAGE]}

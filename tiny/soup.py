@@ -44,9 +44,21 @@ def member(shard: int, base_seed: int = 0, scale: float = 0.05) -> Path:
     return cached(f"soup-member-{shard}.safetensors", cfg, build)
 
 
+SAVED_SOUP = "soup-ab.safetensors"
+
+
+def saved_soup() -> Path:
+    """A uniform soup of members 0 and 1, built by the streaming engine (cached)."""
+    from ..soup.engine import build_soup
+
+    cfg = {"kind": "soup-ab", "members": [str(member(0)), str(member(1))], "v": 1}
+    return cached("soup-ab.safetensors", cfg, lambda p: build_soup([member(0), member(1)], p))
+
+
 def prepare(models_dir: Path, input_dir: Path) -> dict:
-    """Place checkpoints/soup-member-{a,b,c}.safetensors for the soup workflows."""
+    """Place checkpoints/soup-member-{a,b,c}.safetensors and a saved soup of a and b
+    (soups/soup-ab.safetensors, with its manifest) for the soup workflows."""
     placed = [link_into(member(i), Path(models_dir) / "checkpoints" / f"soup-member-{n}.safetensors").name
               for i, n in enumerate(NAMES)]
-    (Path(models_dir) / "soups").mkdir(parents=True, exist_ok=True)
-    return {"checkpoints": placed}
+    soup = link_into(saved_soup(), Path(models_dir) / "soups" / SAVED_SOUP)
+    return {"checkpoints": placed, "soups": [soup.name]}

@@ -25,6 +25,7 @@ from . import cached, link_into
 
 ORIGINAL_NAME = "temporal-tiny-mm-original.safetensors"
 DIFFUSERS_NAME = "temporal-tiny-mm-diffusers.safetensors"
+LAYERS_NAME = "temporal-tiny-layers.safetensors"
 
 
 def motion_state_dict(layout: Layout = TINY_SD15, seed: int = 0, max_frames: int = 32, mid: bool | None = None,
@@ -70,6 +71,19 @@ def diffusers_file(seed: int = 0) -> Path:
                   lambda p: _save(original_to_diffusers(motion_state_dict(seed=seed)), p))
 
 
+def layers_file(seed: int = 0, frames: int = 16) -> Path:
+    """Compartments' own (Video LDM style) layers for the tiny UNet: attention + 3D conv, alpha 0.5."""
+    cfg = {"kind": "tiny-layers", "seed": seed, "frames": frames, "v": 1}
+
+    def build(path: Path) -> None:
+        from ..temporal.formats import save_layers
+
+        torch.manual_seed(seed)
+        save_layers(MotionModule(TINY_SD15, ("attention", "conv"), max_frames=32), path, frames, base="sd15")
+
+    return cached(f"tiny-layers-s{seed}.safetensors", cfg, build)
+
+
 def shapes_only(layout: Layout, max_frames: int = 32) -> dict[str, torch.Tensor]:
     """Original-layout key set of a full-size module (SD1.5, SDXL) on the meta device: shapes, no memory.
 
@@ -87,4 +101,5 @@ def prepare(models_dir: Path, input_dir: Path) -> dict:
     """Place the tiny motion modules into ``models/animatediff_models``."""
     a = link_into(original_file(0), models_dir / "animatediff_models" / ORIGINAL_NAME)
     b = link_into(diffusers_file(0), models_dir / "animatediff_models" / DIFFUSERS_NAME)
-    return {"animatediff_models": [a.name, b.name]}
+    c = link_into(layers_file(0), models_dir / "temporal_layers" / LAYERS_NAME)
+    return {"animatediff_models": [a.name, b.name], "temporal_layers": [c.name]}
