@@ -9,6 +9,7 @@ with ComfyUI's own loader, so the soup feeds KSampler directly.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -38,10 +39,42 @@ class SoupRef:
     manifest: engine.Manifest
 
 
+_scratch: set[str] = set()  # scratch soups written by this process
+_scratch_lost = 0  # how many of them have vanished (temp folder emptied): part of every fingerprint
+
+
 def _scratch_path() -> str:
     folder = os.path.join(folder_paths.get_temp_directory(), "compartments_soup")
     os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, f"soup-{uuid.uuid4().hex[:12]}.safetensors")
+    path = os.path.join(folder, f"soup-{uuid.uuid4().hex[:12]}.safetensors")
+    _scratch.add(path)
+    return path
+
+
+def _fingerprint(*checkpoints: str) -> str:
+    """Why re-run a cached soup node: a checkpoint it reads changed on disk, or a scratch soup vanished.
+
+    ComfyUI's cache would otherwise hand out a soup averaged from an overwritten file, or a soup
+    wire whose file was swept from the temp folder (downstream nodes would fail to open it).
+    """
+    global _scratch_lost
+    gone = {p for p in _scratch if not os.path.exists(p)}
+    if gone:
+        _scratch.difference_update(gone)
+        _scratch_lost += len(gone)
+    stats = []
+    for name in checkpoints:
+        path = folder_paths.get_full_path("checkpoints", name) if name else None
+        st = os.stat(path) if path and os.path.exists(path) else None
+        stats.append([name, st.st_size, st.st_mtime_ns] if st else [name, None])
+    return json.dumps([stats, _scratch_lost])
+
+
+def _soup_file(soup: SoupRef, node: str) -> str:
+    if not os.path.exists(soup.path):
+        raise _host.InputError(node, "soup", f"the soup file {soup.path} is gone (ComfyUI's temp folder was emptied).",
+                               "queue the workflow again: the soup node re-runs; keep soups with Save Soup.")
+    return soup.path
 
 
 def _load(path: str):
@@ -119,6 +152,14 @@ class SoupBuild(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, members: str, base: str, **kwargs) -> str:
+        try:
+            names = [n for n, _ in engine.parse_members(members)]
+        except engine.SoupError:
+            names = []  # execute reports the bad line
+        return _fingerprint(*names, "" if base == "first member" else base)
+
+    @classmethod
     def execute(cls, members: str, base: str, components: str, dtype: str, keep_sum: bool) -> io.NodeOutput:
         node = "Soup Checkpoints"
         try:
@@ -132,7 +173,7 @@ class SoupBuild(io.ComfyNode):
         out = _scratch_path()
         progress = _progress_for(str(shards[0].path))
         man = _run(node, "members", engine.build_soup, shards, out, base=base_path, components=components,
-                   dtype=dtype, keep_sum=keep_sum, progress=progress)
+                   dtype=dtype, keep_sum=keep_sum, progress=progress, durable=False)
         return _outputs(out, man)
 
 
@@ -155,12 +196,17 @@ class SoupAddShard(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, checkpoint: str, **kwargs) -> str:
+        return _fingerprint(checkpoint)
+
+    @classmethod
     def execute(cls, soup: SoupRef, checkpoint: str, weight: float) -> io.NodeOutput:
         node = "Soup Add Shard"
         shard = _host.resolve_file("checkpoints", checkpoint, node, "checkpoint")
+        src = _soup_file(soup, node)
         out = _scratch_path()
-        man = _run(node, "checkpoint", engine.add_shard, soup.path, shard, out, weight=weight,
-                   progress=_progress_for(soup.path))
+        man = _run(node, "checkpoint", engine.add_shard, src, shard, out, weight=weight,
+                   progress=_progress_for(src), durable=False)
         return _outputs(out, man)
 
 
@@ -183,11 +229,17 @@ class SoupRemoveShard(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, checkpoint: str, **kwargs) -> str:
+        return _fingerprint(checkpoint)
+
+    @classmethod
     def execute(cls, soup: SoupRef, checkpoint: str) -> io.NodeOutput:
         node = "Soup Remove Shard"
         shard = _host.resolve_file("checkpoints", checkpoint, node, "checkpoint")
+        src = _soup_file(soup, node)
         out = _scratch_path()
-        man = _run(node, "checkpoint", engine.remove_shard, soup.path, shard, out, progress=_progress_for(soup.path))
+        man = _run(node, "checkpoint", engine.remove_shard, src, shard, out, progress=_progress_for(src),
+                   durable=False)
         return _outputs(out, man)
 
 
@@ -217,8 +269,9 @@ class SoupSave(io.ComfyNode):
         if os.path.exists(target) and not overwrite:
             raise _host.InputError(node, "filename", f"{os.path.basename(target)} already exists in models/soups.",
                                    "choose another name or enable overwrite.")
-        with replacing(target, suffix=".partial", fsync=False) as tmp:
-            shutil.copyfile(soup.path, tmp)
+        src = _soup_file(soup, node)
+        with replacing(target, suffix=".partial", fsync=True) as tmp:  # the keeper: on disk before the rename
+            shutil.copyfile(src, tmp)
             _host.check_interrupt()
         name = os.path.relpath(target, os.path.realpath(_host.folder_dirs(SOUPS)[0]))
         return io.NodeOutput(name, ui={"text": [f"saved models/soups/{name}"]})
@@ -265,7 +318,7 @@ class SoupInspect(io.ComfyNode):
 
     @classmethod
     def execute(cls, soup: SoupRef, as_json: bool) -> io.NodeOutput:
-        man = engine.read_manifest(soup.path)
+        man = engine.read_manifest(_soup_file(soup, "Inspect Soup"))
         return io.NodeOutput(man.to_json() if as_json else man.describe())
 
 

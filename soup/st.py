@@ -258,13 +258,14 @@ class Writer:
 
 @contextmanager
 def atomic_writer(path: str | os.PathLike, plan: list[Planned], metadata: dict[str, str] | None = None,
-                  shrink: frozenset[str] = frozenset(), reserve: int = 0) -> Iterator[Writer]:
+                  shrink: frozenset[str] = frozenset(), reserve: int = 0, durable: bool = True) -> Iterator[Writer]:
     """A :class:`Writer` on ``<dir>/.<name>.<pid>.partial``, renamed over ``path`` on success.
 
     Any exception (a Cancel from the UI included) removes the partial file, so an interrupted
     soup never leaves a half-written model, and an existing target stays as it was.
+    ``durable`` fsyncs before the rename (a power cut cannot lose a file that replaced another).
     """
-    with replacing(path, suffix=".partial") as tmp, open(tmp, "wb") as f:
+    with replacing(path, suffix=".partial", fsync=durable) as tmp, open(tmp, "wb") as f:
         w = Writer(f, plan, metadata, shrink, reserve)
         yield w
         w.finish()

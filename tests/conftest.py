@@ -49,6 +49,35 @@ def _require_comfyui() -> Path:
     return path
 
 
+def _own_files(base: Path) -> set[Path]:
+    """Regular files under ``base``, not following links (the cached tiny models are links)."""
+    found = set()
+    for root, _dirs, files in os.walk(base):
+        found.update(p for p in (Path(root, f) for f in files) if not p.is_symlink())
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _base_left_as_found(request):
+    """Delete what a test wrote into the shared ComfyUI bases, so a full run needs half the disk.
+
+    Tier 2 calls nodes directly (no cache): everything a test wrote goes. The tier-3 server
+    caches node outputs across prompts, as ComfyUI does for users, so there only its temp
+    folder is swept (ComfyUI itself treats it as disposable); the soup nodes then re-run
+    instead of handing out a vanished scratch soup.
+    """
+    sweep = []
+    if "comfy" in request.fixturenames:
+        sweep.append(request.getfixturevalue("comfy").base_dir)
+    if "comfy_server" in request.fixturenames and not os.environ.get("COMPARTMENTS_KEEP_E2E"):
+        sweep.append(request.getfixturevalue("comfy_server").base_dir / "temp")
+    before = {d: _own_files(d) for d in sweep}
+    yield
+    for d in sweep:
+        for path in _own_files(d) - before[d]:
+            path.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------- tier 2: in-process ComfyUI
 class InProcessComfy(SimpleNamespace):
     """A real ComfyUI imported in this process (``--cpu``, temp base directory)."""

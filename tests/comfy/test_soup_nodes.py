@@ -149,3 +149,23 @@ def test_cancel_leaves_no_partial_file(comfy, prepared):
     folder = Path(folder_paths.get_temp_directory()) / "compartments_soup"
     temp_files = [p.name for p in folder.iterdir() if p.name.endswith(".partial")]
     assert temp_files == []
+
+
+def test_swept_scratch_soup_reruns_the_cached_node_and_errors_clearly(comfy, prepared):
+    """ComfyUI caches a soup wire by inputs; if its temp file is swept, the node must run again."""
+    build = comfy.node("CompartmentsSoupBuild")
+    add = comfy.node("CompartmentsSoupAddShard")
+    members = "soup-member-a.safetensors\nsoup-member-b.safetensors"
+    args = {"members": members, "base": "first member", "components": "unet", "dtype": "same", "keep_sum": False}
+    soup = _build(comfy, **args)[0]
+    first = build.fingerprint_inputs(**args)
+    assert build.fingerprint_inputs(**args) == first  # nothing changed: the cached soup stays valid
+    add_first = add.fingerprint_inputs(checkpoint="soup-member-c.safetensors", weight=1.0)
+    Path(soup.path).unlink()  # what emptying ComfyUI's temp folder does to a cached wire
+    assert build.fingerprint_inputs(**args) != first
+    assert add.fingerprint_inputs(checkpoint="soup-member-c.safetensors", weight=1.0) != add_first
+    with pytest.raises(ValueError, match="Inspect Soup: input 'soup'.*is gone.*queue the workflow again"):
+        comfy.run("CompartmentsSoupInspect", soup=soup, as_json=False)
+    with pytest.raises(ValueError, match="Soup Add Shard: input 'soup'.*is gone"):
+        comfy.run("CompartmentsSoupAddShard", soup=soup, checkpoint="soup-member-c.safetensors", weight=1.0)
+    assert "nope.safetensors" in build.fingerprint_inputs(**{**args, "members": "nope.safetensors"})
