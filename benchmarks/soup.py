@@ -1,16 +1,23 @@
 """Benchmark: streaming soup vs a naive load-everything soup vs a plain read of the same files.
 
 For N members of >= 512 MiB each (generated once, fp16, cached under --dir), every variant
-runs in its own subprocess so that its peak RSS (ru_maxrss of that process) is its own.
-Before each variant the member files are dropped from the page cache with
-posix_fadvise(DONTNEED), so every variant reads them COLD from disk (``--warm`` skips
-that). Prints one JSON line per figure:
+runs in its own subprocess so that its peak RSS (VmHWM of that process) is its own.
+Before each variant the machine is synced and the member files are dropped from the page
+cache with posix_fadvise(DONTNEED), so every variant reads them COLD from disk (``--warm``
+skips that). Variants: ``read`` (the disk bound), ``stream`` (the soup the nodes and the
+CLI write: exact float64 running sum stored, fsync before the rename), ``stream_nosum``
+(keep_sum=false), ``naive`` (load every member, then average; first repeat only) and
+``remove`` (remove the last member from the N soup).
+
+Each N is measured ``--repeat`` times (default 3), every repeat a read followed by the
+soups it is compared with, so the ratios are paired and the virtual disk's drift cancels;
+the figures are medians and ``runs`` lists every repeat. One JSON line per figure:
 
   {"benchmark": "soup", "figure": "peak_rss", "variant": "stream", "n": 8, "value": ..., "unit": "GiB"}
 
-Figures: peak_rss (GiB), throughput (GiB of member data read per second), seconds, and
-remove_ratio = time(remove one shard from the N soup) / time(re-soup the N-1 others),
-target <= 3/N. ``--quick`` uses 64 MiB members and N = 2, 4 (CI-size).
+Figures: peak_rss (GiB), throughput (GiB of member data read per second), <variant>_vs_read
+(target >= 0.7), and remove_ratio = time(remove one shard from the N soup) / time(re-soup
+the N-1 others), target <= 3/N. ``--quick`` uses 64 MiB members and N = 2, 4.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -149,6 +157,7 @@ def child(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ parent side
 def run_variant(name: str, paths: list[Path], out: Path, warm: bool, extra_cold: list[Path] = ()) -> dict:
+    os.sync()  # the previous variant's unsynced output must not be flushed on this one's clock
     if not warm:
         drop_cache([*paths, *extra_cold])
     cmd = [sys.executable, __file__, "--child", name, "--out", str(out), "--paths", *map(str, paths)]
@@ -171,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mib", type=int, help="member size in MiB (default 512, quick 64)")
     ap.add_argument("--n", type=int, nargs="+", help="member counts (default 2 4 8, quick 2 4)")
     ap.add_argument("--warm", action="store_true", help="do not drop the page cache between variants")
+    ap.add_argument("--repeat", type=int, default=3, help="paired repeats per N; figures are medians")
     ap.add_argument("--skip-naive-above", type=int, default=8, help="skip the naive variant above this N")
     ap.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -185,42 +195,59 @@ def main(argv: list[str] | None = None) -> int:
     members = [make_member(args.dir, i, mib) for i in range(max(ns))]
     size = members[0].stat().st_size
     cache = "warm page cache" if args.warm else "cold (posix_fadvise DONTNEED before each variant)"
-    common = {"member_gib": round(size / GiB, 3), "member_mb": round(size / 1e6), "cache": cache, "cpu_threads": int(os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))}
+    common = {"member_gib": round(size / GiB, 3), "member_mb": round(size / 1e6), "cache": cache,
+              "cpu_threads": int(os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))),
+              "repeats": args.repeat}
+    streams = ("stream", "stream_nosum")
     for n in ns:
         paths = members[:n]
         soup = args.dir / f"soup-{n}.safetensors"
         rest = args.dir / f"rest-{n}.safetensors"
-        results = {}
-        for name in ("read", "stream", "stream_nosum", "naive"):
-            if name == "naive" and n > args.skip_naive_above:
-                continue
-            out = soup if name == "stream" else args.dir / f"scratch-{name}.safetensors"
-            r = run_variant(name, paths, out, args.warm)
-            results[name] = r
-            emit(figure="peak_rss", variant=name, n=n, value=round(r["peak_rss"] / GiB, 3), unit="GiB",
-                 ratio_to_member=round(r["peak_rss"] / size, 3), baseline_gib=round(r["baseline_rss"] / GiB, 3),
+        runs: dict[str, list[dict]] = {}
+        ratios: dict[str, list[float]] = {name: [] for name in streams}
+        removes: list[tuple[dict, dict]] = []
+        # Repeats, each a read right before the soups it is compared with: the virtual disk's
+        # speed drifts by 2x over minutes, and a paired ratio cancels most of that drift.
+        for rep in range(args.repeat):
+            names = ["read", *streams] + (["naive"] if rep == 0 and n <= args.skip_naive_above else [])
+            for name in names:
+                out = soup if name == "stream" else args.dir / f"scratch-{name}.safetensors"
+                r = run_variant(name, paths, out, args.warm)
+                runs.setdefault(name, []).append(r)
+                if name in streams:
+                    ratios[name].append(_tp(r) / _tp(runs["read"][-1]))
+            if n >= 3:
+                rem = run_variant("remove", paths, soup, args.warm, [soup])
+                resoup = run_variant("stream", paths[:-1], rest, args.warm)
+                removes.append((rem, resoup))
+            for p in [*args.dir.glob("scratch-*"), rest, soup.with_name(soup.stem + "-removed.safetensors")]:
+                p.unlink(missing_ok=True)
+        for name, rs in runs.items():
+            peak = max(r["peak_rss"] for r in rs)
+            emit(figure="peak_rss", variant=name, n=n, value=round(peak / GiB, 3), unit="GiB",
+                 ratio_to_member=round(peak / size, 3), baseline_gib=round(rs[0]["baseline_rss"] / GiB, 3),
                  target="< 1.5 x member at N=8" if name == "stream" else "", **common)
-            emit(figure="throughput", variant=name, n=n, value=round(r["bytes"] / r["seconds"] / GiB, 3),
-                 unit="GiB/s", seconds=round(r["seconds"], 2), **common)
-        read_tp = results["read"]["bytes"] / results["read"]["seconds"]
-        stream_tp = results["stream"]["bytes"] / results["stream"]["seconds"]
-        emit(figure="stream_vs_read", n=n, value=round(stream_tp / read_tp, 3), unit="ratio", target=">= 0.7", **common)
-        nosum_tp = results["stream_nosum"]["bytes"] / results["stream_nosum"]["seconds"]
-        emit(figure="stream_nosum_vs_read", n=n, value=round(nosum_tp / read_tp, 3), unit="ratio", target=">= 0.7",
-             **common)
-        if n >= 3:
-            rem = run_variant("remove", paths, soup, args.warm, [soup])
-            resoup = run_variant("stream", paths[:-1], rest, args.warm)
-            emit(figure="remove_seconds", n=n, value=round(rem["seconds"], 2), unit="s",
-                 peak_rss_gib=round(rem["peak_rss"] / GiB, 3), **common)
-            emit(figure="remove_ratio", n=n, value=round(rem["seconds"] / resoup["seconds"], 3), unit="ratio",
-                 target=f"<= {3 / n:.3f}", resoup_seconds=round(resoup["seconds"], 2), **common)
-        for p in args.dir.glob("scratch-*"):
-            p.unlink()
-        for p in (soup, rest, soup.with_name(soup.stem + "-removed.safetensors")):
-            if p.exists():
-                p.unlink()
+            tps = sorted(_tp(r) / GiB for r in rs)
+            emit(figure="throughput", variant=name, n=n, value=round(statistics.median(tps), 3), unit="GiB/s",
+                 runs=[round(t, 3) for t in tps], seconds=round(statistics.median(r["seconds"] for r in rs), 2),
+                 **common)
+        for name in streams:
+            vals = sorted(ratios[name])
+            emit(figure=f"{name}_vs_read", n=n, value=round(statistics.median(vals), 3), unit="ratio",
+                 runs=[round(v, 3) for v in vals], target=">= 0.7", **common)
+        if removes:
+            vals = sorted(rem["seconds"] / resoup["seconds"] for rem, resoup in removes)
+            emit(figure="remove_seconds", n=n, value=round(statistics.median(r["seconds"] for r, _ in removes), 2),
+                 unit="s", peak_rss_gib=round(max(r["peak_rss"] for r, _ in removes) / GiB, 3), **common)
+            emit(figure="remove_ratio", n=n, value=round(statistics.median(vals), 3), unit="ratio",
+                 runs=[round(v, 3) for v in vals], target=f"<= {3 / n:.3f}",
+                 resoup_seconds=round(statistics.median(r["seconds"] for _, r in removes), 2), **common)
+        soup.unlink(missing_ok=True)
     return 0
+
+
+def _tp(r: dict) -> float:
+    return r["bytes"] / r["seconds"]
 
 
 if __name__ == "__main__":

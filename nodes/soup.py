@@ -173,7 +173,7 @@ class SoupBuild(io.ComfyNode):
         out = _scratch_path()
         progress = _progress_for(str(shards[0].path))
         man = _run(node, "members", engine.build_soup, shards, out, base=base_path, components=components,
-                   dtype=dtype, keep_sum=keep_sum, progress=progress, durable=False)
+                   dtype=dtype, keep_sum=keep_sum, progress=progress)
         return _outputs(out, man)
 
 
@@ -206,7 +206,7 @@ class SoupAddShard(io.ComfyNode):
         src = _soup_file(soup, node)
         out = _scratch_path()
         man = _run(node, "checkpoint", engine.add_shard, src, shard, out, weight=weight,
-                   progress=_progress_for(src), durable=False)
+                   progress=_progress_for(src))
         return _outputs(out, man)
 
 
@@ -238,8 +238,7 @@ class SoupRemoveShard(io.ComfyNode):
         shard = _host.resolve_file("checkpoints", checkpoint, node, "checkpoint")
         src = _soup_file(soup, node)
         out = _scratch_path()
-        man = _run(node, "checkpoint", engine.remove_shard, src, shard, out, progress=_progress_for(src),
-                   durable=False)
+        man = _run(node, "checkpoint", engine.remove_shard, src, shard, out, progress=_progress_for(src))
         return _outputs(out, man)
 
 

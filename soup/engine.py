@@ -238,13 +238,11 @@ def _soup_threads(fn):
 @_soup_threads
 def build_soup(shards: Sequence[Shard | str | os.PathLike], out: str | os.PathLike, *,
                base: str | os.PathLike | None = None, components: str = "unet", dtype: str = "same",
-               keep_sum: bool = True, progress: Progress = None, durable: bool = True) -> Manifest:
+               keep_sum: bool = True, progress: Progress = None) -> Manifest:
     """Stream-average ``shards`` into ``out`` (atomic). Returns the manifest written.
 
     ``base`` supplies every tensor that is not souped (text encoder, VAE, int buffers);
     default: the first shard. ``dtype`` "same" keeps each tensor's dtype from the base.
-    ``durable=False`` skips the fsync before the rename: for scratch soups in a temp folder,
-    where it costs a full synchronous write of the output and protects nothing.
     """
     items = [Shard(Path(s.path), s.weight) if isinstance(s, Shard) else Shard(Path(s)) for s in shards]
     if not items:
@@ -289,7 +287,7 @@ def build_soup(shards: Sequence[Shard | str | os.PathLike], out: str | os.PathLi
         ws = _Workspace(acc_dtype, max(math.prod(base_r.entries[k].shape) for k in sk))
         bufs = [shared, SharedBuffer()]
         with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as io, \
-                atomic_writer(out, plan, _meta(base_r, manifest), shrink, reserve, durable) as w:
+                atomic_writer(out, plan, _meta(base_r, manifest), shrink, reserve) as w:
             for i, k in enumerate(keys):
                 if k in skset:
                     numel = math.prod(base_r.entries[k].shape)
@@ -357,27 +355,26 @@ def _meta(src: Reader, manifest: Manifest) -> dict[str, str]:
 
 
 def add_shard(soup: str | os.PathLike, shard: str | os.PathLike, out: str | os.PathLike | None = None, *,
-              weight: float = 1.0, progress: Progress = None, durable: bool = True) -> Manifest:
+              weight: float = 1.0, progress: Progress = None) -> Manifest:
     """theta' = (W theta + w theta_new) / (W + w), reading only the soup and the new shard."""
     if not (weight > 0 and math.isfinite(weight)):
         raise SoupError("the weight of an added shard must be a finite number > 0.")
-    return _update(Path(soup), Path(shard), Path(out) if out else Path(soup), +1, weight, progress, durable)
+    return _update(Path(soup), Path(shard), Path(out) if out else Path(soup), +1, weight, progress)
 
 
 def remove_shard(soup: str | os.PathLike, shard: str | os.PathLike, out: str | os.PathLike | None = None, *,
-                 progress: Progress = None, durable: bool = True) -> Manifest:
+                 progress: Progress = None) -> Manifest:
     """Unlearn ``shard``: theta' = (W theta - w_j theta_j) / (W - w_j), exact when the manifest says so.
 
     The shard file is identified by content hash, not by name. A non-member or the last
     member is refused before anything is written; a hash mismatch found while streaming
     aborts the write, so every file stays as it was.
     """
-    return _update(Path(soup), Path(shard), Path(out) if out else Path(soup), -1, None, progress, durable)
+    return _update(Path(soup), Path(shard), Path(out) if out else Path(soup), -1, None, progress)
 
 
 @_soup_threads
-def _update(soup: Path, shard: Path, out: Path, sign: int, weight: float | None, progress: Progress,
-            durable: bool) -> Manifest:
+def _update(soup: Path, shard: Path, out: Path, sign: int, weight: float | None, progress: Progress) -> Manifest:
     man = read_manifest(soup)
     readers: list[Reader] = []
     try:
@@ -426,19 +423,32 @@ def _update(soup: Path, shard: Path, out: Path, sign: int, weight: float | None,
         new_man = Manifest.from_json(man.to_json())
         reserve = 2048 + 300 + 2 * len(shard.name) + 200
         ws = _Workspace(torch.float64, max(math.prod(sr.entries[k].shape) for k in sk))
-        with ThreadPoolExecutor(1) as pool, atomic_writer(out, plan, _meta(sr, new_man), shrink, reserve, durable) as w:
+        # what each souped key reads from the soup: its exact running sum, else the averaged tensor
+        src_key = {k: SUM_PREFIX + k if man.sum_stored else k for k in sk}
+        bufs = [(SharedBuffer(), shared), (SharedBuffer(), SharedBuffer())]
+
+        def fetch(j: int) -> tuple[memoryview, memoryview]:
+            sb, hb = bufs[j % 2]
+            return sr.raw(src_key[sk[j]], sb), hr.raw(sk[j], hb)
+
+        with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as io, \
+                atomic_writer(out, plan, _meta(sr, new_man), shrink, reserve) as w:
+            nxt = io.submit(fetch, 0) if sk else None
+            j = 0
             for i, k in enumerate(keys):
                 if k in skset:
+                    sraw, raw = nxt.result()
+                    j += 1
+                    if j < len(sk):  # the next key's sum and shard tensor load while this one is updated
+                        nxt = io.submit(fetch, j)
                     e = hr.entries[k]
-                    raw = hr.raw(k)
                     _hash_header(h, k, e.dtype, e.shape)
                     job = pool.submit(h.update, raw)
                     numel = math.prod(e.shape)
                     a = ws.take(numel)
-                    if man.sum_stored:
-                        _fill(a, sr.tensor(SUM_PREFIX + k).reshape(-1), 1.0, ws.stage)
-                    else:
-                        _fill(a, sr.tensor(k).reshape(-1), old_total, ws.stage)
+                    if numel:
+                        src = torch.frombuffer(sraw, dtype=DTYPES[sr.entries[src_key[k]].dtype])
+                        _fill(a, src, 1.0 if man.sum_stored else old_total, ws.stage)
                     x = torch.frombuffer(raw, dtype=DTYPES[e.dtype]) if numel else torch.empty(0)
                     if static or not exact:
                         _axpy(a, x, sign * weight, ws.stage)  # exact by the fp16 grid bound, or not promised

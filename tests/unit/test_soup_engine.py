@@ -275,3 +275,22 @@ def test_reader_rejects_broken_files(tmp_path):
     with pytest.raises(SoupError, match="not a Compartments soup"):
         save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
         read_manifest(tmp_path / "plain.safetensors")
+
+
+@pytest.mark.parametrize("positional", [True, False], ids=["preadv", "no-preadv (Windows)"])
+def test_reader_reads_tensors_from_two_threads(members, tmp_path, monkeypatch, positional):
+    """remove prefetches the next sum on a thread while the main thread copies other tensors."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from compartments.soup import st
+
+    if not positional:
+        monkeypatch.delattr(st.os, "preadv", raising=False)
+    ref = load_file(str(members[0]))
+    r = st.Reader(members[0])
+    jobs = list(ref) * 3
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda k: bytes(r.raw(k, st.SharedBuffer())), jobs))
+    r.close()
+    for k, data in zip(jobs, got, strict=True):
+        assert data == ref[k].contiguous().view(torch.uint8).numpy().tobytes(), k
