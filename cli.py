@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from .atomic import write_text
-from .client import ComfyClient, ComfyError, ComfyServer
+from .client import ComfyClient, ComfyError, ComfyServer, comfyui_version, find_comfyui, safe_name
 
 PACK = Path(__file__).resolve().parent
 WORKFLOWS = PACK / "workflows"
@@ -46,9 +45,15 @@ def _load_workflow(path: str) -> dict:
     return wf
 
 
-def _comfyui_default() -> str | None:
-    cand = os.environ.get("COMFYUI_PATH") or os.path.expanduser("~/ComfyUI")
-    return cand if Path(cand, "main.py").is_file() else None
+def _which_comfyui(explicit: str | None) -> Path:
+    """The checkout to start (see :func:`client.find_comfyui`), announced on stderr."""
+    found = find_comfyui(explicit)
+    if found is None:
+        raise ComfyError("no ComfyUI found: give --url of a running server or --comfyui PATH of a checkout "
+                         "(looked in: the ComfyUI this pack is installed in, COMFYUI_PATH, ~/ComfyUI)")
+    path, why = found
+    print(f"using ComfyUI {comfyui_version(path)} at {path} ({why})", file=sys.stderr)
+    return path
 
 
 def save_outputs(client: ComfyClient, outputs: dict, out_dir: Path) -> list[Path]:
@@ -62,7 +67,7 @@ def save_outputs(client: ComfyClient, outputs: dict, out_dir: Path) -> list[Path
                 if isinstance(item, dict) and "filename" in item:
                     written.append(client.download(item, out_dir))
                 elif isinstance(item, str):
-                    target = out_dir / f"node{node_id}_{key}_{i}.txt"
+                    target = out_dir / safe_name(f"node{node_id}_{key}_{i}.txt")
                     out_dir.mkdir(parents=True, exist_ok=True)
                     target.write_text(item)
                     written.append(target)
@@ -74,11 +79,9 @@ def run_workflows(paths: list[str], url: str | None, comfyui: str | None, out: P
     workflows = [(p, _load_workflow(p)) for p in paths]
     server = None
     if url is None:
-        comfyui = comfyui or _comfyui_default()
-        if comfyui is None:
-            raise ComfyError("give --url of a running ComfyUI or --comfyui PATH of a checkout to start")
-        print(f"starting ComfyUI from {comfyui} ...", file=sys.stderr)
-        server = ComfyServer.start(Path(comfyui), base_dir, link_from_comfyui=link)
+        path = _which_comfyui(comfyui)
+        print(f"starting ComfyUI from {path} ...", file=sys.stderr)
+        server = ComfyServer.start(path, base_dir, link_from_comfyui=link)
         url = server.url
         print(f"ComfyUI is up at {url} (log: {server.log_file})", file=sys.stderr)
     client = ComfyClient(url)
@@ -110,9 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .tiny import prepare_all
 
-    comfyui = args.comfyui or _comfyui_default()
-    if args.url is None and comfyui is None:
-        raise ComfyError("the demo needs a ComfyUI: --comfyui PATH (or COMFYUI_PATH) to start one")
+    comfyui = None if args.url else str(_which_comfyui(args.comfyui))
     base = Path(tempfile.mkdtemp(prefix="compartments-demo-"))
     print(f"building tiny models in the real formats under {base} ...", file=sys.stderr)
     t0 = time.monotonic()
@@ -165,13 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workflow", nargs="+", help="API-format workflow JSON file(s)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--url", help="a running ComfyUI, e.g. http://127.0.0.1:8188")
-    where.add_argument("--comfyui", help="a ComfyUI checkout to start headless (temp base dir, --cpu without GPU)")
+    where.add_argument("--comfyui", help="a ComfyUI checkout to start headless (temp base dir, --cpu without GPU; "
+                       "default: the one the pack is installed in, else COMFYUI_PATH, else ~/ComfyUI)")
     p.add_argument("--out", default="outputs", help="folder for the outputs (default: ./outputs)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per workflow")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("demo", help="build tiny models and run every shipped workflow on the CPU")
-    p.add_argument("--comfyui", help="ComfyUI checkout (default: COMFYUI_PATH or ~/ComfyUI)")
+    p.add_argument("--comfyui", help="ComfyUI checkout (default: the one the pack is installed in, "
+                   "else COMFYUI_PATH, else ~/ComfyUI)")
     p.add_argument("--url", help="use a running server instead (its models folder must hold the tiny models)")
     p.add_argument("--out", help="folder for the outputs (default: a temp folder, printed at the end)")
     p.add_argument("--only", nargs="*", help="run only workflows whose name contains one of these")

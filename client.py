@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -25,6 +26,64 @@ from typing import Any
 
 class ComfyError(RuntimeError):
     """A failure reported by (or about) the ComfyUI server, worded for a person."""
+
+
+# The oldest ComfyUI release the pack is tested with; pyproject's [tool.comfy] says the same
+# (a unit test keeps the two equal). Older releases lack parts of the V3 API the nodes use.
+MIN_COMFYUI = "0.3.64"
+
+
+def is_comfyui(path: str | Path) -> bool:
+    """Does ``path`` hold a ComfyUI checkout (``main.py`` beside ``comfy/``)?"""
+    p = Path(path).expanduser()
+    return (p / "main.py").is_file() and (p / "comfy").is_dir()
+
+
+def comfyui_version(path: str | Path) -> str:
+    """The release a checkout says it is, from ``comfyui_version.py`` (read, never imported)."""
+    try:
+        text = (Path(path).expanduser() / "comfyui_version.py").read_text()
+    except OSError:
+        return "unknown"
+    m = re.search(r"""__version__\s*=\s*["']([^"']+)["']""", text)
+    return m.group(1) if m else "unknown"
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``"0.3.64"`` -> ``(0, 3, 64)``; anything unreadable sorts as ``()`` (older than every release)."""
+    parts = re.findall(r"\d+", version.split("+")[0])
+    return tuple(int(p) for p in parts[:3]) if parts else ()
+
+
+def is_supported(version: str) -> bool:
+    return version_tuple(version) >= version_tuple(MIN_COMFYUI)
+
+
+def find_comfyui(explicit: str | None = None) -> tuple[Path, str] | None:
+    """The ComfyUI to use and why: ``explicit``, else the checkout this pack is installed in
+    (``<ComfyUI>/custom_nodes/<pack>``), else ``COMFYUI_PATH``, else ``~/ComfyUI``.
+
+    Raises :class:`ComfyError` when an explicit path or ``COMFYUI_PATH`` is not a checkout
+    (a typo should not silently fall through to another ComfyUI); returns None when nothing is found.
+    """
+    if explicit:
+        if not is_comfyui(explicit):
+            raise ComfyError(f"--comfyui {explicit} is not a ComfyUI checkout (no main.py and comfy/ there)")
+        return Path(explicit).expanduser().resolve(), "--comfyui"
+    pack = Path(__file__).resolve().parent
+    for link in (Path(__file__).absolute().parent, pack):
+        if link.parent.name == "custom_nodes" and is_comfyui(link.parent.parent):
+            return link.parent.parent.resolve(), "the ComfyUI this pack is installed in"
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        if not is_comfyui(env):
+            raise ComfyError(f"COMFYUI_PATH={env} is not a ComfyUI checkout (no main.py and comfy/ there): "
+                             "point it at the folder that holds ComfyUI's main.py")
+        return Path(env).expanduser().resolve(), "COMFYUI_PATH"
+    home = Path.home() / "ComfyUI"
+    if is_comfyui(home):
+        return home.resolve(), "~/ComfyUI"
+    return None
 
 
 def _format_node_errors(payload: dict) -> str:
@@ -85,9 +144,11 @@ class ComfyClient:
         return self._request(f"/history/{prompt_id}").get(prompt_id, {})
 
     def download(self, item: dict, dest: Path) -> Path:
+        """Fetch one file output into ``dest``; the name the server reports is used as a plain file name
+        (never a path: a server or node must not be able to write outside ``dest``)."""
         query = urllib.parse.urlencode({k: item.get(k, "") for k in ("filename", "subfolder", "type")})
+        target = dest / safe_name(str(item.get("filename", "")))
         dest.mkdir(parents=True, exist_ok=True)
-        target = dest / item["filename"]
         with urllib.request.urlopen(f"{self.url.rstrip('/')}/view?{query}", timeout=60) as resp:
             target.write_bytes(resp.read())
         return target
@@ -149,6 +210,15 @@ class ComfyClient:
         if status.get("status_str") == "error":
             raise ComfyError(f"workflow failed: {json.dumps(status.get('messages', []))[:2000]}")
         return hist.get("outputs", {})
+
+
+def safe_name(name: str) -> str:
+    """``name`` when it is a plain file name; :class:`ComfyError` for anything that is a path."""
+    if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name
+            or Path(name).is_absolute() or ":" in name[:2]):
+        raise ComfyError(f"the server reported an output named {name!r}, which is not a plain file name: "
+                         "refused (outputs are only written inside --out)")
+    return name
 
 
 def _bar(bar, data):
