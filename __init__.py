@@ -13,6 +13,6 @@ __version__ = "0.1.0"
 
 async def comfy_entrypoint():
     """V3 entry point: return the extension that lists every Compartments node."""
-    from .nodes import CompartmentsExtension
+    from .nodes import extension
 
-    return CompartmentsExtension()
+    return extension()

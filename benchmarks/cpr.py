@@ -13,17 +13,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 
 def _comfy(gpu: bool) -> None:
-    path = os.path.expanduser(os.environ.get("COMFYUI_PATH", "~/ComfyUI"))
-    sys.path.insert(0, path)
-    sys.argv = [sys.argv[0]] + ([] if gpu else ["--cpu"])
-    import comfy.options
+    """The pack's in-process harness (COMFYUI_PATH, else ../shared/comfyui's newest), temp base dir."""
+    import atexit
+    import shutil
+    import tempfile
 
-    comfy.options.enable_args_parsing()
+    from compartments.nodes._inprocess import boot, default_checkout
+
+    path = default_checkout()
+    if path is None:
+        raise SystemExit("benchmarks/cpr.py: no ComfyUI found: set COMFYUI_PATH to a checkout")
+    base = tempfile.mkdtemp(prefix="compartments-bench-")
+    atexit.register(shutil.rmtree, base, ignore_errors=True)
+    boot(path, base, cpu=None if gpu else True, core_nodes=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ or ``python benchmarks/temporal.py``.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
@@ -104,10 +105,10 @@ def run_layers(frames: int, latent: int, backend: str, repeats: int) -> None:
 
 
 def _find_comfyui() -> Path | None:
-    for cand in (os.environ.get("COMFYUI_PATH"), str(Path.home() / "ComfyUI")):
-        if cand and (Path(cand) / "comfy" / "model_patcher.py").exists():
-            return Path(cand)
-    return None
+    sys.path.insert(0, str(ROOT.parent))
+    from compartments.nodes._inprocess import default_checkout
+
+    return default_checkout()
 
 
 def run_unet(frames_list: list[int], latent: int, repeats: int) -> None:
@@ -115,11 +116,13 @@ def run_unet(frames_list: list[int], latent: int, repeats: int) -> None:
     if comfy_dir is None:
         emit("unet_step_fps", None, "frames/s", note="ComfyUI not found (set COMFYUI_PATH)")
         return
-    sys.path.insert(0, str(comfy_dir))
-    sys.path.insert(0, str(ROOT.parent))
-    from comfy.cli_args import args
+    import tempfile
 
-    args.cpu = not torch.cuda.is_available()
+    from compartments.nodes._inprocess import boot
+
+    base = tempfile.mkdtemp(prefix="compartments-bench-")
+    atexit.register(shutil.rmtree, base, ignore_errors=True)
+    boot(comfy_dir, base, core_nodes=False)
     import comfy.model_management as mm
     import comfy.sd
 
@@ -166,25 +169,6 @@ def find_ade(explicit: str | None) -> Path | None:
     return next((p.resolve() for p in places if (p / "animatediff" / "nodes_gen1.py").is_file()), None)
 
 
-def _run_node(cls, **inputs) -> tuple:
-    """Execute one node as ComfyUI's executor does (V3 class clone, or a V1 instance)."""
-    import asyncio
-    import inspect
-
-    from comfy_api.internal import _ComfyNodeInternal, make_locked_method_func
-
-    if issubclass(cls, _ComfyNodeInternal):
-        cls.VALIDATE_CLASS()
-        clone = cls.PREPARE_CLASS_CLONE({})
-        name = "EXECUTE_NORMALIZED_ASYNC" if inspect.iscoroutinefunction(cls.execute) else "EXECUTE_NORMALIZED"
-        out = make_locked_method_func(cls, name, clone)(**inputs)
-        out = asyncio.run(out) if inspect.iscoroutine(out) else out
-        return tuple(out.result or ())
-    out = getattr(cls(), cls.FUNCTION)(**inputs)
-    out = asyncio.run(out) if inspect.iscoroutine(out) else out
-    return tuple(out.get("result", ()) if isinstance(out, dict) else out)
-
-
 def graph_child(impl: str, frames: int, steps: int, ckpt: str, motion: str, ade: str | None, out: str,
                 with_image: bool) -> dict:
     """In a fresh process: a real ComfyUI (in-process, --cpu unless CUDA, temp base dir) runs
@@ -205,32 +189,17 @@ def graph_child(impl: str, frames: int, steps: int, ckpt: str, motion: str, ade:
         (base / sub).mkdir(parents=True)
     os.symlink(ckpt, base / "models/checkpoints/temporal-full-sd15.safetensors")
     os.symlink(motion, base / "models/animatediff_models/temporal-full-mm-sd15-v3.safetensors")
-    sys.path.insert(0, str(comfy_dir))
-    from comfy.cli_args import args
+    from compartments.nodes._inprocess import boot
 
-    args.cpu = not torch.cuda.is_available()
-    args.base_directory = str(base)
-    args.disable_auto_launch = True
-    import folder_paths
-
-    folder_paths.set_output_directory(str(base / "output"))
-    folder_paths.set_input_directory(str(base / "input"))
-    folder_paths.set_temp_directory(str(base / "temp"))
+    host = boot(comfy_dir, base)
     import comfy.model_management as mm
-    import utils.install_util  # noqa: F401  (as main.py does: later imports add comfy/ to sys.path, shadowing it)
 
     import nodes
 
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    if impl == "ade":
-        if not asyncio.run(nodes.load_custom_node(str(ade))):
-            raise RuntimeError(f"AnimateDiff-Evolved at {ade} failed to import into this ComfyUI")
-    else:
-        from compartments.nodes import all_nodes
-
-        for cls in all_nodes():
-            nodes.NODE_CLASS_MAPPINGS[cls.GET_SCHEMA().node_id] = cls
+    if impl == "ade" and not asyncio.run(nodes.load_custom_node(str(ade))):
+        raise RuntimeError(f"AnimateDiff-Evolved at {ade} failed to import into this ComfyUI")
     N = nodes.NODE_CLASS_MAPPINGS
+    _run_node = host.run
     t0 = time.perf_counter()
     model, clip, _vae = _run_node(N["CheckpointLoaderSimple"], ckpt_name="temporal-full-sd15.safetensors")[:3]
     pos = _run_node(N["CLIPTextEncode"], clip=clip, text=PROMPT)[0]

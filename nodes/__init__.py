@@ -3,19 +3,22 @@
 Every module in this package whose name does not start with ``_`` is imported and its
 ``NODES`` list collected. An import error is not swallowed: ComfyUI then logs it against
 the pack, which is what a user needs to see.
+
+Importing this package imports nothing from ComfyUI (the node modules are imported by
+:func:`all_nodes`), so ``compartments.nodes._inprocess`` can configure ComfyUI's arguments
+before the first ``comfy`` import fixes the device.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-
-from comfy_api.latest import ComfyExtension, io
-from typing_extensions import override
+from typing import Any
 
 
-def all_nodes() -> list[type[io.ComfyNode]]:
-    found: list[type[io.ComfyNode]] = []
+def all_nodes() -> list[type]:
+    """Every node class of the pack (``io.ComfyNode`` subclasses), checked for unique, prefixed ids."""
+    found: list[type] = []
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue
@@ -31,7 +34,12 @@ def all_nodes() -> list[type[io.ComfyNode]]:
     return found
 
 
-class CompartmentsExtension(ComfyExtension):
-    @override
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return all_nodes()
+def extension() -> Any:
+    """The ``ComfyExtension`` that ComfyUI's V3 loader receives from ``comfy_entrypoint``."""
+    from comfy_api.latest import ComfyExtension
+
+    class CompartmentsExtension(ComfyExtension):
+        async def get_node_list(self) -> list[type]:
+            return all_nodes()
+
+    return CompartmentsExtension()

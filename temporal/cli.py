@@ -1,19 +1,23 @@
 """``python -m compartments train-temporal``: fit temporal layers on a clip without a ComfyUI server.
 
 The image UNet, its model sampling and the VAE are ComfyUI's, so this command imports
-ComfyUI from ``--comfyui PATH`` (default ``$COMFYUI_PATH`` or ``~/ComfyUI``) in-process to
-load the checkpoint; no server is started and nothing is downloaded. The ComfyUI part lives
-in ``nodes/temporal_train.py`` (the same code path as the node); this module only parses
-arguments and reads the frames, and imports no ComfyUI module itself.
+ComfyUI from ``--comfyui PATH`` (default: the ComfyUI the pack is installed in, then
+``$COMFYUI_PATH``, then ``~/ComfyUI``) in-process, through the pack's one in-process harness
+(``nodes/_inprocess.py``, temporary base directory), to load the checkpoint; no server is
+started and nothing is downloaded. The ComfyUI part lives in ``nodes/temporal_train.py`` (the
+same code path as the node); this module only parses arguments and reads the frames, and
+imports no ComfyUI module itself.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
+from ..client import ComfyError, find_comfyui
 from .data import FramesError, load_frames
 from .train import TrainConfig, TrainError, optim_path_for
 
@@ -30,7 +34,8 @@ def register(sub) -> None:
                    help="a folder of frames (sorted by name), an animated WEBP/GIF, or a video file (needs PyAV)")
     p.add_argument("--out", required=True,
                    help="layers file to write (.safetensors); the optimizer state goes beside it as .optim.safetensors")
-    p.add_argument("--comfyui", help="ComfyUI checkout to import (default: $COMFYUI_PATH or ~/ComfyUI)")
+    p.add_argument("--comfyui", help="ComfyUI checkout to import (default: the one the pack is installed in, "
+                   "else $COMFYUI_PATH, else ~/ComfyUI)")
     p.add_argument("--steps", type=int, default=200, help="total optimizer steps (a resumed run stops at this count)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
     p.add_argument("--frames-per-clip", type=int, default=8, help="frames per training window")
@@ -50,10 +55,15 @@ def register(sub) -> None:
 
 
 def _comfyui(path: str | None) -> Path:
-    cand = Path(os.path.expanduser(path or os.environ.get("COMFYUI_PATH") or "~/ComfyUI"))
-    if not (cand / "comfy").is_dir():
-        raise TrainError(f"--comfyui: no ComfyUI checkout at '{cand}'. Fix: pass --comfyui PATH of a checkout.")
-    return cand
+    try:
+        found = find_comfyui(path)
+    except ComfyError as exc:
+        raise TrainError(f"{exc}. Fix: pass --comfyui PATH of a checkout.") from None
+    if found is None:
+        raise TrainError("--comfyui: no ComfyUI found (the one the pack is installed in, COMFYUI_PATH, ~/ComfyUI). "
+                         "Fix: pass --comfyui PATH of a checkout.")
+    print(f"using ComfyUI at {found[0]} ({found[1]})", file=sys.stderr)
+    return found[0]
 
 
 def cmd_train_temporal(args: argparse.Namespace) -> int:
@@ -75,16 +85,23 @@ def cmd_train_temporal(args: argparse.Namespace) -> int:
                              save_every=args.save_every, eval_draws=args.eval_draws)
         config.check()
         root = _comfyui(args.comfyui)
-        if str(root) not in sys.path:
-            sys.path.insert(0, str(root))
-        from ..nodes._temporal_boot import boot
-
-        face = boot(cpu=args.cpu)
     except (TrainError, FramesError) as exc:
         print(f"compartments train-temporal: {exc}", file=sys.stderr)
         return 2
+    base = tempfile.mkdtemp(prefix="compartments-train-")
+    try:
+        return _train(args, root, base, frames, config)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
+
+def _train(args: argparse.Namespace, root: Path, base: str, frames, config: TrainConfig) -> int:
+    from ..nodes._inprocess import boot
+
+    boot(root, base, cpu=True if args.cpu else None, core_nodes=False, any_base=True)
     from tqdm import tqdm
+
+    from ..nodes import temporal_train as face
 
     bar = tqdm(total=args.steps, desc="train-temporal", unit="step", file=sys.stderr)
 

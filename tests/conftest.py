@@ -1,14 +1,13 @@
 """Shared test plumbing: tier markers by folder, and the real-ComfyUI fixtures of tiers 2-3.
 
-Tier 1 (tests/unit) never imports ComfyUI. Tiers 2-3 find ComfyUI through ``COMFYUI_PATH``
-(else ``~/ComfyUI``) and skip, with the reason in the summary, when there is none; they
-never fake it.
+Tier 1 (tests/unit) never imports ComfyUI. Tiers 2-3 run against the ComfyUI checkout that
+``COMFYUI_PATH`` names; ``scripts/test.py`` (the README's test command) sets it once per
+release under ``../shared/comfyui`` in that release's own virtualenv. Without it they skip,
+with the reason in the summary; they never fake ComfyUI.
 """
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import os
 import shutil
 import sys
@@ -23,9 +22,11 @@ TIERS = {"unit": "unit", "comfy": "comfy", "e2e": "e2e"}
 
 
 def comfyui_path() -> Path | None:
-    """COMFYUI_PATH, else ~/ComfyUI; None when neither holds a ComfyUI checkout."""
-    cand = os.environ.get("COMFYUI_PATH") or os.path.expanduser("~/ComfyUI")
-    path = Path(cand)
+    """The checkout COMFYUI_PATH names; None when it is unset or not a ComfyUI checkout."""
+    cand = os.environ.get("COMFYUI_PATH")
+    if not cand:
+        return None
+    path = Path(cand).expanduser()
     return path if (path / "main.py").is_file() and (path / "comfy").is_dir() else None
 
 
@@ -39,13 +40,18 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_report_header(config):
     path = comfyui_path()
-    return f"compartments: ComfyUI for tiers 2-3: {path or 'NOT FOUND (tiers 2-3 will be skipped)'}"
+    if path is None:
+        return "compartments: ComfyUI for tiers 2-3: none (COMFYUI_PATH unset): tiers 2-3 will be skipped"
+    from compartments.client import comfyui_version
+
+    return f"compartments: ComfyUI {comfyui_version(path)} for tiers 2-3 at {path}"
 
 
 def _require_comfyui() -> Path:
     path = comfyui_path()
     if path is None:
-        pytest.skip("no ComfyUI found: set COMFYUI_PATH (or put a checkout at ~/ComfyUI) to run tiers 2-3")
+        pytest.skip("no ComfyUI found: run scripts/test.py (every release in ../shared/comfyui) "
+                    "or set COMFYUI_PATH to a checkout to run tiers 2-3")
     return path
 
 
@@ -79,84 +85,14 @@ def _base_left_as_found(request):
 
 
 # ---------------------------------------------------------------- tier 2: in-process ComfyUI
-class InProcessComfy(SimpleNamespace):
-    """A real ComfyUI imported in this process (``--cpu``, temp base directory)."""
-
-    def node(self, node_id: str):
-        import nodes
-
-        if node_id not in nodes.NODE_CLASS_MAPPINGS:
-            raise KeyError(f"no node '{node_id}' in ComfyUI (core or Compartments)")
-        return nodes.NODE_CLASS_MAPPINGS[node_id]
-
-    def run(self, node, hidden: dict | None = None, **inputs) -> tuple:
-        """Execute one node the way ComfyUI's executor does (V3 class clone or V1 instance)."""
-        from comfy_api.internal import _ComfyNodeInternal, make_locked_method_func
-
-        cls = self.node(node) if isinstance(node, str) else node
-        if issubclass(cls, _ComfyNodeInternal):
-            cls.VALIDATE_CLASS()
-            clone = cls.PREPARE_CLASS_CLONE(hidden or {})
-            is_async = inspect.iscoroutinefunction(cls.execute)
-            func = make_locked_method_func(cls, "EXECUTE_NORMALIZED_ASYNC" if is_async else "EXECUTE_NORMALIZED", clone)
-            out = func(**inputs)
-            if inspect.iscoroutine(out):
-                out = asyncio.run(out)
-            return tuple(out.result or ())
-        obj = cls()
-        out = getattr(obj, cls.FUNCTION)(**inputs)
-        if inspect.iscoroutine(out):
-            out = asyncio.run(out)
-        if isinstance(out, dict):
-            out = out.get("result", ())
-        return tuple(out)
-
-
 @pytest.fixture(scope="session")
-def comfy(tmp_path_factory) -> InProcessComfy:
+def comfy(tmp_path_factory):
+    """The ComfyUI of this run imported in-process (``--cpu``, temp base directory), through the
+    pack's one harness (``compartments.nodes._inprocess``), which benchmarks and the CLI share."""
     path = _require_comfyui()
-    base = tmp_path_factory.mktemp("comfy_base")
-    for sub in ("models", "input", "output", "temp", "user", "custom_nodes"):
-        (base / sub).mkdir()
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-    from comfy.cli_args import args
+    from compartments.nodes._inprocess import boot
 
-    args.cpu = True
-    args.base_directory = str(base)
-    args.disable_auto_launch = True
-    import folder_paths
-
-    folder_paths.set_output_directory(str(base / "output"))
-    folder_paths.set_input_directory(str(base / "input"))
-    folder_paths.set_temp_directory(str(base / "temp"))
-    if Path(folder_paths.models_dir).resolve() != (base / "models").resolve():
-        # folder_paths was imported before this fixture ran: re-point every model folder.
-        old = folder_paths.models_dir
-        for name, (paths, exts) in list(folder_paths.folder_names_and_paths.items()):
-            new = [p.replace(old, str(base / "models")) for p in paths]
-            folder_paths.folder_names_and_paths[name] = (new, exts)
-        folder_paths.models_dir = str(base / "models")
-    # As main.py does, import ComfyUI's utils package before nodes: nodes.py puts comfy/ first on
-    # sys.path, after which 'utils' would resolve to comfy/utils.py and nodes_images would not import.
-    import utils.install_util  # noqa: F401
-
-    import nodes
-
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    from compartments.nodes import all_nodes
-
-    for cls in all_nodes():
-        schema = cls.GET_SCHEMA()
-        nodes.NODE_CLASS_MAPPINGS[schema.node_id] = cls
-        nodes.NODE_DISPLAY_NAME_MAPPINGS[schema.node_id] = schema.display_name
-    return InProcessComfy(
-        path=path,
-        base_dir=base,
-        models_dir=base / "models",
-        input_dir=base / "input",
-        output_dir=base / "output",
-    )
+    return boot(path, tmp_path_factory.mktemp("comfy_base"), cpu=True)
 
 
 @pytest.fixture(scope="session")
