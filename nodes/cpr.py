@@ -184,7 +184,7 @@ class CPRGuider(comfy.samplers.CFGGuider):
             rec["choose"] = self.state.audit()
         return rec
 
-    def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 - CFGGuider's signature
+    def predict_noise(self, x, timestep, model_options={}, seed=None, **kwargs):  # noqa: B006 - CFGGuider's signature
         public = self.conds.get("positive", None)
         negative = self.conds.get("negative", None)
         private = self.conds.get("private", None)

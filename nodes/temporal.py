@@ -11,6 +11,7 @@ Object patches are undone when ComfyUI unpatches the model, so unloading removes
 
 from __future__ import annotations
 
+import types
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -151,16 +152,24 @@ def _with_slot(block: Any, slot: MotionSlot, middle: bool) -> TimestepEmbedSeque
     return TimestepEmbedSequential(OrderedDict(children))
 
 
-class FrameContextHandler(comfy.context_windows.IndexListContextHandler):
-    """Core's handler over the latent batch (dim 0).
+def frame_context_handler(**options: Any) -> Any:
+    """Core's ``IndexListContextHandler`` over the latent batch (dim 0), stepping on the first sigma.
 
-    Core's ``set_step`` compares ``sample_sigmas`` with the whole per-sample timestep vector,
-    which only broadcasts when the batch is 1 (video models with a time dim); with frames
-    as the batch every frame carries the same sigma, so the first one identifies the step.
+    Core's ``set_step`` (0.3.x) compares ``sample_sigmas`` with the whole per-sample timestep
+    vector, which only broadcasts when the batch is 1 (video models with a time dim); with
+    frames as the batch every frame carries the same sigma, so the first one identifies the
+    step. The handler is core's own object (no subclass: its constructor grew arguments
+    between releases); only ``set_step`` is wrapped, on the instance, as a bound method so a
+    deep-copied model_options rebinds it to the copy, and it passes on any new arguments.
     """
+    handler = comfy.context_windows.IndexListContextHandler(**options)
+    core_set_step = type(handler).set_step
 
-    def set_step(self, timestep: Any, model_options: dict) -> None:
-        super().set_step(timestep[:1], model_options)
+    def set_step(self: Any, timestep: Any, model_options: dict, *args: Any, **kwargs: Any) -> Any:
+        return core_set_step(self, timestep[:1], model_options, *args, **kwargs)
+
+    handler.set_step = types.MethodType(set_step, handler)
+    return handler
 
 
 def _schedule(num_frames: int, handler: Any, model_options: dict, **_: Any) -> list[list[int]]:
@@ -243,7 +252,7 @@ def inject(model: Any, loaded: LoadedTemporal, frame_count: int, context_length:
 
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, check_batch)
     if 0 < context_length < frame_count:
-        m.model_options["context_handler"] = FrameContextHandler(
+        m.model_options["context_handler"] = frame_context_handler(
             context_schedule=comfy.context_windows.ContextSchedule("compartments_uniform", _schedule),
             fuse_method=comfy.context_windows.ContextFuseMethod(f"compartments_{context_blend}",
                                                                 _fuse_for(context_blend)),

@@ -118,7 +118,7 @@ class _TrainSampler(comfy.samplers.Sampler):
         self.result: TrainResult | None = None
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-               disable_pbar=False):
+               disable_pbar=False, **kwargs):
         model_sampling = model_wrap.inner_model.model_sampling
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,7 @@ class MotionSlot(nn.Module):
 
 
 def timestep_embed_handler(layer: MotionSlot, x: torch.Tensor, emb: Any, context: Any, transformer_options: dict,
-                           *rest: Any) -> torch.Tensor:
+                           *rest: Any, **kwargs: Any) -> torch.Tensor:
     """``forward_timestep_embed_patch`` handler: frames from the batch and ``cond_or_uncond``."""
     num_frames = frames_per_video(x.shape[0], transformer_options.get("cond_or_uncond"))
     return layer(x, num_frames)

@@ -41,3 +41,76 @@ def test_core_nodes_the_workflows_use_are_loaded(comfy):
     """Core extras our workflows rely on imported cleanly in-process (torch/torchaudio pairing)."""
     for node_id in ("SaveAnimatedWEBP", "PreviewAny", "SamplerCustomAdvanced", "ModelMergeSimple", "unCLIPConditioning"):
         assert comfy.node(node_id)
+
+
+def test_harness_runs_the_release_under_test(comfy):
+    """The in-process ComfyUI is the checkout COMFYUI_PATH names, a release the pack supports."""
+    import comfyui_version  # ComfyUI's own module, on sys.path from the checkout
+
+    from compartments.client import comfyui_version as read_version
+    from compartments.client import is_supported
+
+    assert comfy.version == read_version(comfy.path) == comfyui_version.__version__
+    assert is_supported(comfy.version)
+
+
+def test_overrides_and_wrappers_pass_extra_keywords_on(comfy, sd15):
+    """Releases add keyword arguments to the calls core makes into a pack (0.8 added
+    ``latent_shapes`` to ``outer_sample``): each callback accepts them and hands them on."""
+    from comfy.patcher_extension import WrappersMP
+
+    from compartments.nodes.cpr import CPRGuider
+    from compartments.nodes.temporal import WRAPPER_KEY
+    from compartments.tiny import temporal as tiny_temporal
+
+    model, clip, _ = sd15
+    tiny_temporal.prepare(comfy.models_dir, comfy.input_dir)
+    (layers,) = comfy.run("CompartmentsLoadMotionModule", motion_module="temporal-tiny-mm-original.safetensors")
+    (video,) = comfy.run("CompartmentsApplyTemporalLayers", model=model, temporal_layers=layers, frame_count=6,
+                         context_length=4, context_overlap=1, context_blend="pyramid", alpha=-1.0, alpha_overrides="")
+    (wrapper,) = video.get_wrappers(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+    seen = {}
+
+    def executor(noise, *args, **kwargs):
+        seen.update(kwargs, args=args)
+        return "sampled"
+
+    noise = torch.zeros(6, 4, 8, 8)
+    assert wrapper(executor, noise, "latent", latent_shapes=[noise.shape], option_of_a_later_release=1) == "sampled"
+    assert seen == {"args": ("latent",), "latent_shapes": [noise.shape], "option_of_a_later_release": 1}
+
+    # The context handler is core's own object; its set_step wrapper steps on the first sigma
+    # of a batch of frames (core 0.3.x compared the whole vector) and passes every argument on.
+    handler = video.model_options["context_handler"]
+    sigmas = torch.tensor([14.6, 3.0, 0.0])
+    handler.set_step(torch.full((6,), 3.0), {"transformer_options": {"sample_sigmas": sigmas}})
+    assert handler._step == 1
+
+    # A later release passing a new keyword to predict_noise: inject one through core's own
+    # PREDICT_NOISE wrapper and sample the CPR guider with core SamplerCustomAdvanced.
+    (cond,) = comfy.run("CLIPTextEncode", text="a red square", clip=clip)
+    received = []
+
+    def later_release(executor, *args, **kwargs):
+        return executor(*args, option_of_a_later_release=1, **kwargs)
+
+    wrapped = model.clone()
+    wrapped.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, "test_later_release", later_release)
+    original = CPRGuider.predict_noise
+
+    def spy(self, *args, **kwargs):
+        received.append(sorted(kwargs))
+        return original(self, *args, **kwargs)
+
+    (private, _) = comfy.run("CompartmentsCPRPromptConditioning", conditioning=cond, ids="[]")
+    (guider,) = comfy.run("CompartmentsCPRKLGuider", model=wrapped, public=cond, private=private, negative=cond,
+                          cfg=1.0, lambda_=0.5)
+    guider.predict_noise = spy.__get__(guider)
+    (noise,) = comfy.run("RandomNoise", noise_seed=0)
+    (sampler,) = comfy.run("KSamplerSelect", sampler_name="euler")
+    (sigmas,) = comfy.run("BasicScheduler", model=wrapped, scheduler="normal", steps=1, denoise=1.0)
+    (latent,) = comfy.run("EmptyLatentImage", width=64, height=64, batch_size=1)
+    out, _ = comfy.run("SamplerCustomAdvanced", noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
+                       latent_image=latent)
+    assert torch.isfinite(out["samples"]).all()
+    assert received and all("option_of_a_later_release" in kw for kw in received), received
