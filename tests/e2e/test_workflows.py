@@ -30,6 +30,51 @@ def test_pack_loads_without_import_error(comfy_server):
     assert ours == _our_node_ids(), f"object_info vs node_list.json: {sorted(ours ^ _our_node_ids())}"
 
 
+def test_start_up_log_has_no_warning_from_the_pack(comfy_server):
+    """What a user sees when ComfyUI starts: nothing from the pack but its load line (no
+    deprecation warning, traceback or error naming a file of the pack)."""
+    log = comfy_server.log.read_text(errors="replace").splitlines()
+    pack_dir = str(ROOT)
+    noisy = [ln for ln in log if ("compartments" in ln.lower() or pack_dir in ln)
+             and any(w in ln.lower() for w in ("deprecat", "warning", "error", "traceback", "failed"))]
+    assert not noisy, "\n".join(noisy)
+    loaded = [ln for ln in log if "compartments" in ln.lower() and "seconds" in ln]
+    assert loaded, "ComfyUI did not list the pack among its custom nodes:\n" + "\n".join(log[-40:])
+
+
+def _reference_inputs() -> dict[str, list[tuple[str, str, bool]]]:
+    """The README node reference: node id -> [(input, type, optional)]."""
+    rows = {}
+    text = (ROOT / "README.md").read_text().split("## Node reference", 1)[1].split("\n## ", 1)[0]
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 5 or not cells[0].startswith("`Compartments"):
+            continue
+        node = cells[0].split("`")[1]
+        inputs = []
+        for item in filter(None, (x.strip() for x in cells[2].split(","))):
+            name, _, kind = item.partition(":")
+            inputs.append((name.strip().rstrip("?"), kind.strip(), name.strip().endswith("?")))
+        rows[node] = inputs
+    return rows
+
+
+def test_object_info_lists_every_node_with_its_inputs(comfy_server):
+    """/object_info, as this release serves it to the editor, matches the README node reference."""
+    info = _object_info(comfy_server)
+    reference = _reference_inputs()
+    assert set(reference) == _our_node_ids(), sorted(set(reference) ^ _our_node_ids())
+    for node, expected in reference.items():
+        spec = info[node]["input"]
+        served = []
+        for section, optional in (("required", False), ("optional", True)):
+            for name, decl in (spec.get(section) or {}).items():
+                kind = decl[0] if isinstance(decl[0], str) else "COMBO"
+                served.append((name, kind, optional))
+        assert sorted(served) == sorted(expected), f"{node}: served {served}, README {expected}"
+        assert info[node]["display_name"] and info[node]["category"].startswith("Compartments"), node
+
+
 @pytest.mark.parametrize("path", API_WORKFLOWS, ids=[p.stem for p in API_WORKFLOWS])
 def test_workflow_runs(comfy_server, path):
     wf = json.loads(path.read_text())
