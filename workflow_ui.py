@@ -17,16 +17,34 @@ def _spec_type(spec: list) -> str:
     return "COMBO" if isinstance(t, list) else str(t)
 
 
-def _ordered_inputs(info: dict) -> list[tuple[str, list]]:
+AUTOGROW = "COMFY_AUTOGROW_V3"
+
+
+def _ordered_inputs(info: dict, present: dict | None = None) -> list[tuple[str, list]]:
+    """The node's inputs in the editor's order; an Autogrow input becomes the slots it shows."""
     inputs = info.get("input", {})
     order = info.get("input_order") or {k: list(v) for k, v in inputs.items() if k != "hidden"}
     out = []
     for section in ("required", "optional"):
         for name in order.get(section, []):
             spec = inputs.get(section, {}).get(name)
-            if spec is not None:
+            if spec is not None and spec[0] == AUTOGROW:
+                out += _autogrow_slots(name, spec, present or {})
+            elif spec is not None:
                 out.append((name, spec))
     return out
+
+
+def _autogrow_slots(name: str, spec: list, present: dict) -> list[tuple[str, list]]:
+    """Slots ``name.<prefix><i>`` (or ``name.<names[i]>``) as the editor lays them out: the first
+    ``min``, every one the workflow connects, and one empty slot after the last connected one."""
+    template = spec[1]["template"]
+    slot_spec = next(v for sec in template["input"].values() for v in sec.values())
+    names = template.get("names") or [f"{template['prefix']}{i}" for i in range(template.get("max", 10))]
+    full = [f"{name}.{n}" for n in names]
+    used = [i for i, n in enumerate(full) if n in present]
+    shown = max([template.get("min", 1)] + [i + 2 for i in used])
+    return [(n, slot_spec) for n in full[:shown]]
 
 
 def _default(spec: list) -> Any:
@@ -101,7 +119,7 @@ def api_to_ui(api: dict, object_info: dict) -> dict:
             nodes[nid]["title"] = node["_meta"]["title"]
     for nid in order:
         node, ui = api[nid], nodes[nid]
-        for name, spec in _ordered_inputs(object_info[node["class_type"]]):
+        for name, spec in _ordered_inputs(object_info[node["class_type"]], node["inputs"]):
             typ = _spec_type(spec)
             value = node["inputs"].get(name)
             linked = isinstance(value, list) and len(value) == 2 and str(value[0]) in nodes

@@ -15,15 +15,25 @@ import importlib
 import pkgutil
 from typing import Any
 
+# Nodes built on a V3 feature that only newer releases have (their V3_FEATURES): node id -> the
+# ``io`` name they need, for the tests and docs that must know without importing ComfyUI. Each is
+# served only where the running ComfyUI has that name; an older-input node does the same
+# operation everywhere (Soup Models (in graph) for the Autogrow one).
+NEEDS_NEWER_V3 = {"CompartmentsSoupModelsAny": "Autogrow"}
+
 
 def all_nodes() -> list[type]:
-    """Every node class of the pack (``io.ComfyNode`` subclasses), checked for unique, prefixed ids."""
+    """Every node class the running ComfyUI can serve, checked for unique, prefixed ids."""
+    from comfy_api.latest import io
+
     found: list[type] = []
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         if info.name.startswith("_"):
             continue
         module = importlib.import_module(f"{__name__}.{info.name}")
         found.extend(getattr(module, "NODES", []))
+    # A node declares the newer V3 names it is built on (V3_FEATURES); it is served only where they exist.
+    found = [n for n in found if all(hasattr(io, f) for f in getattr(n, "V3_FEATURES", ()))]
     ids = [n.GET_SCHEMA().node_id for n in found]
     dupes = {i for i in ids if ids.count(i) > 1}
     if dupes:

@@ -14,6 +14,7 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import comfy.sd
 import folder_paths
@@ -352,17 +353,71 @@ class SoupModels(io.ComfyNode):
                                      (model_4, weight_4)) if m is not None]
         if sum(w for _, w in pairs) <= 0:
             raise _host.InputError("Soup Models (in graph)", "weight_1", "all weights are 0.", "give one a weight > 0.")
-        m = pairs[0][0].clone()
-        total = pairs[0][1]
-        for other, w in pairs[1:]:
-            if w == 0:
-                continue
-            keep = total / (total + w)  # running mean: (total*theta + w*theta_i) / (total + w)
-            kp = other.get_key_patches("diffusion_model.")
-            for k in kp:
-                m.add_patches({k: kp[k]}, 1.0 - keep, keep)
-            total += w
-        return io.NodeOutput(m)
+        return io.NodeOutput(soup_as_patches(pairs))
 
 
-NODES = [SoupBuild, SoupAddShard, SoupRemoveShard, SoupSave, SoupLoad, SoupInspect, SoupModels]
+def soup_as_patches(pairs: list[tuple[Any, float]]) -> Any:
+    """Weighted mean of MODELs as patches on a clone of the first: (W theta + w theta_i) / (W + w), one
+    member at a time, so nothing is computed until ComfyUI loads the model for sampling."""
+    m = pairs[0][0].clone()
+    total = pairs[0][1]
+    for other, w in pairs[1:]:
+        if w == 0:
+            continue
+        keep = total / (total + w)  # running mean: (total*theta + w*theta_i) / (total + w)
+        kp = other.get_key_patches("diffusion_model.")
+        for k in kp:
+            m.add_patches({k: kp[k]}, 1.0 - keep, keep)
+        total += w
+    return m
+
+
+class SoupModelsAny(io.ComfyNode):
+    """Soup Models (in graph) with as many MODEL inputs as the user connects (``io.Autogrow``).
+
+    Registered only on releases whose public V3 API has ``io.Autogrow`` (0.8 and later); on older
+    ones the four-input Soup Models (in graph) is the same operation. Its input ids
+    (``models.model0``, ...) are Autogrow's, so workflows with it need such a release.
+    """
+
+    MAX_MODELS = 16
+    V3_FEATURES = ("Autogrow",)  # see nodes.NEEDS_NEWER_V3
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        template = io.Autogrow.TemplatePrefix(io.Model.Input("model"), prefix="model", min=2, max=cls.MAX_MODELS)
+        return io.Schema(
+            node_id="CompartmentsSoupModelsAny",
+            display_name="Soup Models (any number)",
+            category=CATEGORY,
+            description="Weighted average of 2 to 16 MODELs as patches on the first: connect a model and the "
+                        "next input appears. Nothing is computed until sampling; no manifest, no file. "
+                        "Needs a ComfyUI with Autogrow inputs (0.8+); elsewhere use Soup Models (in graph).",
+            inputs=[
+                io.Autogrow.Input("models", template=template, tooltip="the MODELs to average, in order"),
+                io.String.Input("weights", default="", tooltip="one weight per connected model, in order, "
+                                "e.g. '2, 1, 1' (empty: equal weights)"),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, models: dict, weights: str = "") -> io.NodeOutput:
+        node = "Soup Models (any number)"
+        ordered = [models[k] for k in sorted(models, key=_ordinal) if models[k] is not None]
+        if len(ordered) < 2:
+            raise _host.InputError(node, "models", f"{len(ordered)} model(s) connected.", "connect at least two MODELs.")
+        try:
+            ws = engine.parse_weights(weights, len(ordered))
+        except engine.SoupError as e:
+            raise _host.InputError(node, "weights", str(e) + ".",
+                                   "write one weight per connected model, e.g. '2, 1, 1', or leave it empty.") from e
+        return io.NodeOutput(soup_as_patches(list(zip(ordered, ws, strict=True))))
+
+
+def _ordinal(name: str) -> int:
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return int(digits) if digits else 0
+
+
+NODES = [SoupBuild, SoupAddShard, SoupRemoveShard, SoupSave, SoupLoad, SoupInspect, SoupModels, SoupModelsAny]

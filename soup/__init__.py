@@ -13,6 +13,7 @@ from .engine import (
     check_compatible,
     content_id,
     parse_members,
+    parse_weights,
     read_manifest,
     remove_shard,
 )
@@ -20,5 +21,5 @@ from .manifest import META_KEY, SUM_PREFIX, UNET_PREFIX, Manifest, Member
 
 __all__ = [
     "META_KEY", "OUT_DTYPES", "SUM_PREFIX", "UNET_PREFIX", "Manifest", "Member", "Shard", "SoupError", "add_shard",
-    "build_soup", "check_compatible", "content_id", "parse_members", "read_manifest", "remove_shard",
+    "build_soup", "check_compatible", "content_id", "parse_members", "parse_weights", "read_manifest", "remove_shard",
 ]

@@ -66,6 +66,23 @@ def parse_members(spec: str) -> list[tuple[str, float]]:
     return out
 
 
+def parse_weights(spec: str, count: int) -> list[float]:
+    """``"2, 1, 1"`` -> one weight per model (``""``: all 1); each >= 0, not all 0."""
+    if not spec.strip():
+        return [1.0] * count
+    try:
+        weights = [float(w) for w in spec.replace(";", ",").split(",") if w.strip()]
+    except ValueError as e:
+        raise SoupError(f"'{spec}' is not a comma-separated list of numbers") from e
+    if len(weights) != count:
+        raise SoupError(f"{len(weights)} weight(s) for {count} connected model(s)")
+    if not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise SoupError(f"weights must be finite and >= 0, got '{spec}'")
+    if not sum(weights) > 0:
+        raise SoupError("all weights are 0")
+    return weights
+
+
 def souped(key: str, dtype: str, components: str) -> bool:
     if key.startswith(SUM_PREFIX) or dtype not in FLOATS:
         return False

@@ -12,17 +12,22 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_entry_point_lists_every_node(comfy):
-    from comfy_api.latest import ComfyExtension
+    """Every node of node_list.json (ComfyUI-Manager's map), less those built on a V3 name this
+    release lacks (NEEDS_NEWER_V3), which are left out rather than failing the whole pack."""
+    from comfy_api.latest import ComfyExtension, io
 
     import compartments
+    from compartments.nodes import NEEDS_NEWER_V3
 
     ext = asyncio.run(compartments.comfy_entrypoint())
     assert isinstance(ext, ComfyExtension)
     ids = [n.GET_SCHEMA().node_id for n in asyncio.run(ext.get_node_list())]
     assert ids and all(i.startswith("Compartments") for i in ids)
     assert len(set(ids)) == len(ids)
-    listed = json.loads((ROOT / "node_list.json").read_text())
-    assert set(listed) == set(ids), f"node_list.json is stale: {sorted(set(listed) ^ set(ids))}"
+    listed = set(json.loads((ROOT / "node_list.json").read_text()))
+    absent = {n for n, feature in NEEDS_NEWER_V3.items() if not hasattr(io, feature)}
+    assert absent <= listed
+    assert listed - absent == set(ids), f"node_list.json is stale: {sorted((listed - absent) ^ set(ids))}"
 
 
 def test_tiny_checkpoint_is_detected_as_sd15_and_samples(comfy, sd15):

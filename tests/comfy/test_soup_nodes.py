@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -169,3 +170,36 @@ def test_swept_scratch_soup_reruns_the_cached_node_and_errors_clearly(comfy, pre
     with pytest.raises(ValueError, match="Soup Add Shard: input 'soup'.*is gone"):
         comfy.run("CompartmentsSoupAddShard", soup=soup, checkpoint="soup-member-c.safetensors", weight=1.0)
     assert "nope.safetensors" in build.fingerprint_inputs(**{**args, "members": "nope.safetensors"})
+
+
+def test_soup_models_any_number_is_the_four_input_node_with_autogrow(comfy, prepared):
+    """Soup Models (any number) is served exactly where the release has io.Autogrow, and gives the
+    same patched weights as the four-input node for the same weights; bad weights name the input."""
+    import comfy.sd as comfy_sd
+    from comfy_api.latest import io
+
+    import nodes as comfy_nodes
+    from compartments.nodes import NEEDS_NEWER_V3
+
+    node = "CompartmentsSoupModelsAny"
+    has_autogrow = hasattr(io, NEEDS_NEWER_V3[node])
+    assert (node in comfy_nodes.NODE_CLASS_MAPPINGS) == has_autogrow
+    if not has_autogrow:
+        pytest.skip(f"ComfyUI {comfy.version} has no io.Autogrow: the node is not served (Soup Models (in graph) is)")
+    ckpts = [comfy.models_dir / "checkpoints" / n for n in MEMBERS.splitlines()]
+    models = [comfy_sd.load_checkpoint_guess_config(str(p), output_vae=False, output_clip=False)[0] for p in ckpts]
+    # the executor hands an Autogrow input to execute as one dict, slots keyed by name
+    (grown,) = comfy.run(node, models={"model0": models[0], "model2": models[2], "model1": models[1]},
+                         weights="2, 1, 1")
+    (four,) = comfy.run("CompartmentsSoupModels", model_1=models[0], model_2=models[1], model_3=models[2],
+                        weight_1=2.0, weight_2=1.0, weight_3=1.0)
+    a, b = _unet_weights(grown), _unet_weights(four)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from compartments.nodes._host import InputError
+
+    for weights, problem in (("1, 1", "2 weight(s) for 3 connected"), ("a, b, c", "not a comma-separated"),
+                             ("0, 0, 0", "all weights are 0"), ("1, -1, 1", ">= 0")):
+        with pytest.raises(InputError, match=r"Soup Models \(any number\): input .weights.: .*" + re.escape(problem)):
+            comfy.run(node, models=dict(zip(("model0", "model1", "model2"), models, strict=True)), weights=weights)
+    with pytest.raises(InputError, match="input 'models': 1 model"):
+        comfy.run(node, models={"model0": models[0], "model1": None}, weights="")

@@ -176,3 +176,24 @@ def test_harness_imports_before_comfyui():
             "assert not bad, bad")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_ui_format_lays_out_autogrow_slots_as_the_editor_does():
+    """An Autogrow input becomes slots ``<id>.<prefix><i>``: the first ``min``, every connected one,
+    and one empty slot after the last (what frontend 1.35 shows and saves)."""
+    from compartments.workflow_ui import api_to_ui, ui_to_api_links
+
+    grow = ["COMFY_AUTOGROW_V3", {"template": {"input": {"required": {"model": ["MODEL", {}]}}, "prefix": "model",
+                                                "min": 2, "max": 16}}]
+    info = {"Loader": {"input": {"required": {}}, "output": ["MODEL"], "output_name": ["MODEL"]},
+            "Soup": {"input": {"required": {"models": grow, "weights": ["STRING", {"default": ""}]}},
+                     "input_order": {"required": ["models", "weights"]}, "output": ["MODEL"]}}
+    api = {"1": {"class_type": "Loader", "inputs": {}}, "2": {"class_type": "Loader", "inputs": {}},
+           "3": {"class_type": "Soup", "inputs": {"models.model0": ["1", 0], "models.model2": ["2", 0],
+                                                  "weights": "1, 3"}}}
+    ui = api_to_ui(api, info)
+    soup = next(n for n in ui["nodes"] if n["type"] == "Soup")
+    assert [(i["name"], i["link"] is not None) for i in soup["inputs"]] == [
+        ("models.model0", True), ("models.model1", False), ("models.model2", True), ("models.model3", False)]
+    assert soup["widgets_values"] == ["1, 3"]
+    assert ui_to_api_links(ui) == {(1, 0, 3, "models.model0"), (2, 0, 3, "models.model2")}

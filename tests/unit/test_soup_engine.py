@@ -294,3 +294,14 @@ def test_reader_reads_tensors_from_two_threads(members, tmp_path, monkeypatch, p
     r.close()
     for k, data in zip(jobs, got, strict=True):
         assert data == ref[k].contiguous().view(torch.uint8).numpy().tobytes(), k
+
+
+def test_parse_weights():
+    from compartments.soup import SoupError, parse_weights
+
+    assert parse_weights("", 3) == [1.0, 1.0, 1.0]
+    assert parse_weights(" 2, 1;0.5 ", 3) == [2.0, 1.0, 0.5]
+    assert parse_weights("0, 1", 2) == [0.0, 1.0]
+    for bad, n in (("1, 1", 3), ("x", 1), ("0, 0", 2), ("1, -1", 2), ("nan, 1", 2), ("inf, 1", 2)):
+        with pytest.raises(SoupError):
+            parse_weights(bad, n)
