@@ -47,6 +47,37 @@ class Shard:
     weight: float = 1.0
 
 
+# A sane range for member weights: ratios beyond 10^12 are no style mix, and inside it every
+# product w*theta of a float16/bfloat16/float32 weight stays a normal float64 (the exactness
+# proof of _weights_exact needs that), and no sum of weights can overflow.
+MIN_WEIGHT, MAX_WEIGHT = 1e-6, 1e6
+
+
+def check_weight(weight: float, what: str, allow_zero: bool = False) -> float:
+    """``weight`` when it is finite and in [MIN_WEIGHT, MAX_WEIGHT] (or 0 with ``allow_zero``)."""
+    ok = isinstance(weight, (int, float)) and math.isfinite(weight) and (
+        MIN_WEIGHT <= weight <= MAX_WEIGHT or (allow_zero and weight == 0))
+    if not ok:
+        raise SoupError(f"{what}: weight {weight!r} must be a finite number from {MIN_WEIGHT:g} to {MAX_WEIGHT:g}"
+                        + (" (or 0)" if allow_zero else ""))
+    return float(weight)
+
+
+def refuse_overwriting(out: str | os.PathLike, inputs: Sequence[str | os.PathLike], what: str = "input") -> None:
+    """Refuse an output that is one of the inputs (the same file by path, symlink or hard link)."""
+    o = Path(out)
+    if not o.exists():
+        return
+    for p in inputs:
+        try:
+            same = os.path.samefile(o, p)
+        except OSError:
+            continue
+        if same:
+            raise SoupError(f"the output {o} is the {what} {Path(p).name}: writing it would destroy that "
+                            "file. Write the soup to a new file name.")
+
+
 def parse_members(spec: str) -> list[tuple[str, float]]:
     """``"a.safetensors\\nb.safetensors, 2"`` -> [(name, weight)]; '#' starts a comment."""
     out = []
@@ -60,8 +91,7 @@ def parse_members(spec: str) -> list[tuple[str, float]]:
             weight = float(w) if w.strip() else 1.0
         except ValueError as e:
             raise SoupError(f"member line '{raw.strip()}': weight '{w.strip()}' is not a number") from e
-        if not weight > 0:
-            raise SoupError(f"member line '{raw.strip()}': weight must be > 0")
+        check_weight(weight, f"member line '{raw.strip()}'")
         out.append((name, weight))
     return out
 
@@ -76,8 +106,8 @@ def parse_weights(spec: str, count: int) -> list[float]:
         raise SoupError(f"'{spec}' is not a comma-separated list of numbers") from e
     if len(weights) != count:
         raise SoupError(f"{len(weights)} weight(s) for {count} connected model(s)")
-    if not all(math.isfinite(w) and w >= 0 for w in weights):
-        raise SoupError(f"weights must be finite and >= 0, got '{spec}'")
+    for i, w in enumerate(weights):
+        check_weight(w, f"weight {i + 1} of '{spec}'", allow_zero=True)
     if not sum(weights) > 0:
         raise SoupError("all weights are 0")
     return weights
@@ -209,6 +239,9 @@ def _emit(w, key: str, a: torch.Tensor, total: float, dtype: str, keep_sum: bool
         else:
             w.write_parts(SUM_PREFIX + key, NAMES[a.dtype], (a[i:i + CHUNK] for i in _chunks(a.numel())))
     a.div_(total)
+    if a.numel() and not bool(torch.isfinite(a.sum())):  # one reduction: any inf/NaN makes the sum non-finite
+        raise SoupError(f"tensor {key}: the soup would hold inf/NaN values (a member holds them, or the weights "
+                        "overflow its dtype); nothing was written. Check the members with soup-info.")
     out = DTYPES[dtype]
     w.write_parts(key, dtype, (a[i:i + CHUNK].to(out) for i in _chunks(a.numel())))
 
@@ -264,9 +297,9 @@ def build_soup(shards: Sequence[Shard | str | os.PathLike], out: str | os.PathLi
     items = [Shard(Path(s.path), s.weight) if isinstance(s, Shard) else Shard(Path(s)) for s in shards]
     if not items:
         raise SoupError("a soup needs at least one member.")
-    bad = [s for s in items if not (s.weight > 0 and math.isfinite(s.weight))]
-    if bad:
-        raise SoupError(f"member {bad[0].path.name}: weight {bad[0].weight} must be a finite number > 0.")
+    for s in items:
+        check_weight(s.weight, f"member {s.path.name}")
+    refuse_overwriting(out, [s.path for s in items] + ([base] if base is not None else []), "member")
     if components not in ("unet", "all"):
         raise SoupError(f"components must be 'unet' or 'all', not {components!r}.")
     if dtype not in OUT_DTYPES:
@@ -374,8 +407,7 @@ def _meta(src: Reader, manifest: Manifest) -> dict[str, str]:
 def add_shard(soup: str | os.PathLike, shard: str | os.PathLike, out: str | os.PathLike | None = None, *,
               weight: float = 1.0, progress: Progress = None) -> Manifest:
     """theta' = (W theta + w theta_new) / (W + w), reading only the soup and the new shard."""
-    if not (weight > 0 and math.isfinite(weight)):
-        raise SoupError("the weight of an added shard must be a finite number > 0.")
+    check_weight(weight, f"added shard {Path(shard).name}")
     return _update(Path(soup), Path(shard), Path(out) if out else Path(soup), +1, weight, progress)
 
 
@@ -393,6 +425,9 @@ def remove_shard(soup: str | os.PathLike, shard: str | os.PathLike, out: str | o
 @_soup_threads
 def _update(soup: Path, shard: Path, out: Path, sign: int, weight: float | None, progress: Progress) -> Manifest:
     man = read_manifest(soup)
+    refuse_overwriting(out, [shard], "shard")  # replacing the soup itself is what add/remove do by default
+    for m in man.members:  # an edited manifest must not turn into an inf or wrong soup
+        check_weight(m.weight, f"the manifest of {soup.name} (member {m.name}; was it edited? rebuild the soup)")
     readers: list[Reader] = []
     try:
         shared = SharedBuffer()

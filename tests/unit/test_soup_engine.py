@@ -243,22 +243,109 @@ def test_progress_counts_every_key(members, tmp_path):
     assert seen[-1] == (7, 7) and [d for d, _ in seen] == list(range(1, 8))
 
 
-def test_bad_weights_are_refused(members, tmp_path):
-    with pytest.raises(SoupError, match="must be a finite number > 0"):
-        build_soup([Shard(members[0], 1.0), Shard(members[1], 0.0)], tmp_path / "x.safetensors")
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("nan"), float("inf"), 1e308, 5e-324, 1e7, 1e-7])
+def test_bad_weights_are_refused(members, tmp_path, weight):
+    """Overflowing, underflowing and non-finite weights are refused before anything is written
+    (1e308 made an inf soup; 5e-324 a wrong soup whose manifest claimed exact)."""
+    with pytest.raises(SoupError, match="must be a finite number from 1e-06 to 1e\\+06"):
+        build_soup([Shard(members[0], 1.0), Shard(members[1], weight)], tmp_path / "x.safetensors")
     soup = tmp_path / "s.safetensors"
     build_soup(members[:2], soup)
-    with pytest.raises(SoupError, match="must be a finite number > 0"):
-        add_shard(soup, members[2], weight=-1.0)
-    assert not (tmp_path / "x.safetensors").exists()
+    before = digest(soup)
+    with pytest.raises(SoupError, match="must be a finite number"):
+        add_shard(soup, members[2], weight=weight)
+    assert not (tmp_path / "x.safetensors").exists() and digest(soup) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["s.safetensors"] + [m.name for m in members])
+
+
+def test_exact_is_never_claimed_falsely_at_the_weight_extremes(tmp_path):
+    """At the edges of the weight range the manifest's 'exact' must hold: the stored running sum
+    equals sum_i w_i * theta_i computed with rationals, element by element."""
+    from fractions import Fraction
+
+    g = torch.Generator().manual_seed(5)
+    key = f"{U}input_blocks.0.0.weight"
+    paths, weights = [], [1e6, 1e-6, 3.0, 2.0 ** -19]
+    for i, dtype in enumerate((torch.float32, torch.float32, torch.float32, torch.float32)):
+        t = (torch.randn(6, generator=g) * 10 ** (i - 2)).to(dtype)
+        paths.append(tmp_path / f"e{i}.safetensors")
+        save_file({key: t, "first_stage_model.x": torch.zeros(2)}, str(paths[-1]))
+    for ws in (weights, [1e6, 1e6, 1e6, 1e6], [1e-6, 1e-6, 1.0, 1e-6]):
+        out = tmp_path / "soup.safetensors"
+        man = build_soup([Shard(p, w) for p, w in zip(paths, ws, strict=True)], out)
+        stored = load_file(str(out))[SUM_PREFIX + key].double()
+        members = [load_file(str(p))[key].double() for p in paths]
+        exact_sum = [sum((Fraction(w) * Fraction(float(m[j])) for w, m in zip(ws, members, strict=True)), Fraction(0))
+                     for j in range(stored.numel())]
+        matches = all(Fraction(float(stored[j])) == exact_sum[j] for j in range(stored.numel()))
+        assert matches or not man.exact, f"manifest claims exact for weights {ws} but the sum is rounded"
+        mean = load_file(str(out))[key].double()
+        assert torch.isfinite(mean).all()
+        out.unlink()
+
+
+def test_inf_member_gives_no_soup(members, tmp_path):
+    bad = tmp_path / "inf.safetensors"
+    sd = load_file(str(members[1]))
+    sd[f"{U}out.2.weight"][0, 0, 0, 0] = float("inf")
+    save_file(sd, str(bad))
+    with pytest.raises(SoupError, match="inf/NaN.*nothing was written"):
+        build_soup([members[0], bad], tmp_path / "x.safetensors")
+    assert not list(tmp_path.glob("*x.safetensors*")) and not list(tmp_path.glob(".*partial"))
+
+
+@pytest.mark.parametrize("link", ["same path", "symlink", "hard link"])
+def test_output_that_is_an_input_is_refused(members, tmp_path, link):
+    """`soup a b -o b` and `soup-remove S b -o b` would destroy b: refused, b untouched."""
+    import os
+
+    target = {"same path": members[1], "symlink": tmp_path / "alias.safetensors",
+              "hard link": tmp_path / "hard.safetensors"}[link]
+    if link == "symlink":
+        os.symlink(members[1], target)
+    elif link == "hard link":
+        os.link(members[1], target)
+    before = digest(members[1])
+    with pytest.raises(SoupError, match="is the member m1.safetensors"):
+        build_soup(members[:2], target)
+    soup = tmp_path / "s.safetensors"
+    build_soup(members[:3], soup)
+    with pytest.raises(SoupError, match="is the shard m1.safetensors"):
+        remove_shard(soup, members[1], target)
+    with pytest.raises(SoupError, match="is the shard m1.safetensors"):
+        add_shard(soup, members[1], target)
+    assert digest(members[1]) == before
+
+
+def test_edited_manifest_weight_is_refused(members, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from compartments.soup import META_KEY
+
+    soup = tmp_path / "s.safetensors"
+    build_soup(members[:3], soup)
+    with safe_open(str(soup), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+    man = json.loads(meta[META_KEY])
+    man["members"][0]["weight"] = 1e308
+    meta[META_KEY] = json.dumps(man)
+    save_file(tensors, str(soup), metadata=meta)
+    before = digest(soup)
+    with pytest.raises(SoupError, match="was it edited"):
+        remove_shard(soup, members[2])
+    assert digest(soup) == before
 
 
 def test_parse_members():
     assert parse_members("a.safetensors\n# note\n b.safetensors , 2.5 \n\n") == [("a.safetensors", 1.0), ("b.safetensors", 2.5)]
     with pytest.raises(SoupError):
         parse_members("a.safetensors, x")
-    with pytest.raises(SoupError):
-        parse_members("a.safetensors, 0")
+    for bad in ("0", "1e308", "nan", "-2"):
+        with pytest.raises(SoupError):
+            parse_members(f"a.safetensors, {bad}")
 
 
 def test_reader_rejects_broken_files(tmp_path):
