@@ -7,8 +7,10 @@ the node classes stay declarative.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import comfy.model_management
 import comfy.utils
@@ -109,3 +111,30 @@ def progress(total: int, node_id: str | None = None) -> Callable[[int, int], Non
 
 def check_interrupt() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def check_numbers(cls: Any, **values: Any) -> None:
+    """Refuse NaN, infinity and out-of-range values of a node's FLOAT inputs before anything runs.
+
+    ComfyUI's own min/max check lets NaN through (every comparison with NaN is false), and an
+    API-format prompt may carry ``Infinity``; a NaN cfg or alpha gives a black image, a NaN
+    weight a broken model. The bounds are the ones the schema declares.
+    """
+    schema = cls.GET_SCHEMA()
+    floats = {i.id: i for i in schema.inputs if getattr(i, "get_io_type", lambda: "")() == "FLOAT"}
+    for name, value in values.items():
+        spec = floats.get(name)
+        if spec is None or value is None:
+            continue
+        label = getattr(spec, "display_name", None) or name
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise InputError(schema.display_name, label, f"{value!r} is not a number.") from None
+        lo, hi = getattr(spec, "min", None), getattr(spec, "max", None)
+        if not math.isfinite(v):
+            raise InputError(schema.display_name, label, f"{value!r} is not a finite number.",
+                             f"give a number{f' from {lo:g} to {hi:g}' if lo is not None and hi is not None else ''}.")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise InputError(schema.display_name, label, f"{v:g} is outside {lo:g}..{hi:g}.",
+                             f"give a number from {lo:g} to {hi:g}.")

@@ -106,6 +106,7 @@ class CPRImageConditioning(io.ComfyNode):
     @classmethod
     def execute(cls, conditioning, clip_vision, images, strength, noise_augmentation, crop,
                 ids: str = "") -> io.NodeOutput:
+        _host.check_numbers(cls, strength=strength, noise_augmentation=noise_augmentation)
         node = "CPR Private Conditioning (images)"
         if images is None or images.shape[0] == 0:
             raise _host.InputError(node, "images", "no images were given.",
@@ -234,6 +235,13 @@ def _make_guider(node: str, mode: str, model, public, private, negative, cfg: fl
     for name, c in (("public", public), ("private", private), ("negative", negative)):
         if not c:
             raise _host.InputError(node, name, "the conditioning is empty.", "connect a CLIP Text Encode output.")
+    for name, c in (("public", public), ("negative", negative)):
+        if any(d.get(PRIVATE_KEY) or d.get(CREDIT_KEY) for _, d in c):
+            raise _host.InputError(
+                node, name, "this conditioning is marked private (it came out of a CPR Private Conditioning node): "
+                "used here it would feed the retrieved images' information into the public branch and turn the "
+                "copy protection off.",
+                f"connect the plain prompt (CLIP Text Encode) to '{name}'; the private conditioning goes to 'private'.")
     if not has_private_signal(private):
         raise _host.InputError(
             node, "private", "this conditioning carries no retrieved-image information (no unCLIP / GLIGEN / "
@@ -279,6 +287,7 @@ class CPRKLGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, public, private, negative, cfg, lambda_) -> io.NodeOutput:
+        _host.check_numbers(cls, cfg=cfg, lambda_=lambda_)
         return io.NodeOutput(_make_guider("CPR-KL Guider", "kl", model, public, private, negative, cfg, lambda_))
 
 
@@ -302,6 +311,7 @@ class CPRChooseGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, public, private, negative, cfg, lambda_, laplacian_probe) -> io.NodeOutput:
+        _host.check_numbers(cls, cfg=cfg, lambda_=lambda_)
         return io.NodeOutput(_make_guider("CPR-Choose Guider", "choose", model, public, private, negative, cfg,
                                           lambda_, laplacian_probe))
 

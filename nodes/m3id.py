@@ -193,6 +193,7 @@ class CaptionM3ID(io.ComfyNode):
     @classmethod
     def execute(cls, vlm, images, prompt, max_tokens, decoding, seed, chunk_size, lambda_, alpha,
                 weight_cap) -> io.NodeOutput:
+        _host.check_numbers(cls, lambda_=lambda_, alpha=alpha, weight_cap=weight_cap)
         settings = M3IDSettings(lam=float(lambda_), alpha=float(alpha), weight_cap=float(weight_cap),
                                 max_new_tokens=int(max_tokens), greedy=decoding == "greedy", seed=int(seed))
         results = _caption("CompartmentsM3IDCaption", vlm, images, prompt, settings, chunk_size)

@@ -202,6 +202,7 @@ class SoupAddShard(io.ComfyNode):
 
     @classmethod
     def execute(cls, soup: SoupRef, checkpoint: str, weight: float) -> io.NodeOutput:
+        _host.check_numbers(cls, weight=weight)
         node = "Soup Add Shard"
         shard = _host.resolve_file("checkpoints", checkpoint, node, "checkpoint")
         src = _soup_file(soup, node)
@@ -349,6 +350,7 @@ class SoupModels(io.ComfyNode):
     @classmethod
     def execute(cls, model_1, model_2, model_3=None, model_4=None, weight_1: float = 1.0, weight_2: float = 1.0,
                 weight_3: float = 1.0, weight_4: float = 1.0) -> io.NodeOutput:
+        _host.check_numbers(cls, weight_1=weight_1, weight_2=weight_2, weight_3=weight_3, weight_4=weight_4)
         pairs = [(m, w) for m, w in ((model_1, weight_1), (model_2, weight_2), (model_3, weight_3),
                                      (model_4, weight_4)) if m is not None]
         if sum(w for _, w in pairs) <= 0:

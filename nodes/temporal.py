@@ -295,6 +295,7 @@ class ApplyTemporalLayers(io.ComfyNode):
     @classmethod
     def execute(cls, model: Any, temporal_layers: LoadedTemporal, frame_count: int, context_length: int,
                 context_overlap: int, context_blend: str, alpha: float, alpha_overrides: str) -> io.NodeOutput:
+        _host.check_numbers(cls, alpha=alpha)
         return io.NodeOutput(inject(model, temporal_layers, frame_count, context_length, context_overlap,
                                     context_blend, alpha, alpha_overrides, "CompartmentsApplyTemporalLayers"))
 

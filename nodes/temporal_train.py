@@ -247,6 +247,7 @@ class TrainTemporalLayers(io.ComfyNode):
     def execute(cls, model, steps: int, lr: float, frames_per_clip: int, seed: int, save_name: str, resume: bool,
                 images=None, vae=None, latent=None, positive=None, layers: str = "attention + conv",
                 save_every: int = 0, eval_draws: int = 4) -> io.NodeOutput:
+        _host.check_numbers(cls, lr=lr)
         if not save_name.strip():
             raise _host.InputError(NODE, "save_name", "is empty.", "give a name such as temporal_train/my_layers.")
         save_to = _host.save_path(FOLDER, save_name.strip(), NODE, "save_name")

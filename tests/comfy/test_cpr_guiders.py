@@ -100,6 +100,15 @@ def test_bad_inputs_are_clear_errors_before_sampling(comfy, setup):
         with pytest.raises(ValueError, match="lambda"):
             comfy.run("CompartmentsCPRKLGuider", model=model, public=public, private=setup[2], negative=negative,
                       cfg=5.0, lambda_=lam)
+    # the private (retrieved) conditioning wired into 'public' or 'negative' would switch the protection off
+    for node in ("CompartmentsCPRKLGuider", "CompartmentsCPRChooseGuider"):
+        extra = {"laplacian_probe": False} if "Choose" in node else {}
+        with pytest.raises(ValueError, match="input 'public': this conditioning is marked private"):
+            comfy.run(node, model=model, public=setup[2], private=setup[2], negative=negative, cfg=5.0,
+                      lambda_=0.5, **extra)
+        with pytest.raises(ValueError, match="input 'negative': this conditioning is marked private"):
+            comfy.run(node, model=model, public=public, private=setup[2], negative=setup[2], cfg=5.0,
+                      lambda_=0.5, **extra)
 
 
 def test_save_image_writes_credits_into_png(comfy, setup):

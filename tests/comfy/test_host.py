@@ -6,6 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,3 +120,27 @@ def test_overrides_and_wrappers_pass_extra_keywords_on(comfy, sd15):
                        latent_image=latent)
     assert torch.isfinite(out["samples"]).all()
     assert received and all("option_of_a_later_release" in kw for kw in received), received
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e9])
+def test_every_float_input_refuses_nan_infinity_and_out_of_range(comfy, bad):
+    """ComfyUI's min/max check lets NaN through (and API prompts can carry Infinity): every FLOAT
+    input of every pack node refuses it first, naming the node and the input."""
+    import nodes as comfy_nodes
+    from compartments.nodes._host import InputError
+
+    checked = []
+    for node_id, cls in sorted(comfy_nodes.NODE_CLASS_MAPPINGS.items()):
+        if not node_id.startswith("Compartments"):
+            continue
+        schema = cls.GET_SCHEMA()
+        floats = [i for i in schema.inputs if i.get_io_type() == "FLOAT"]
+        for spec in floats:
+            inputs = {i.id: None for i in schema.inputs}
+            inputs[spec.id] = bad
+            with pytest.raises(InputError) as err:
+                cls.execute(**inputs)
+            label = spec.display_name or spec.id
+            assert f"{schema.display_name}: input '{label}'" in str(err.value), (node_id, str(err.value))
+            checked.append(f"{node_id}.{spec.id}")
+    assert len(checked) >= 14, checked
