@@ -49,8 +49,12 @@ def test_image_embeddings_reach_private_only(comfy, unclip):
     (with_images,) = comfy.run("CFGGuider", model=model, positive=private, negative=negative, cfg=4.0)
     ref_plain, ref_images = _sample(comfy, model, plain), _sample(comfy, model, with_images)
     assert (ref_plain - ref_images).abs().max() > 1e-3  # the embeddings do change the model's output
-    # public given WITH the image embeddings (a wiring mistake): stripped, lambda=1 equals the plain prompt
-    (g,) = comfy.run("CompartmentsCPRKLGuider", model=model, public=private, private=private, negative=negative,
+    # public given WITH image embeddings from outside the pack (the entries core unCLIPConditioning writes,
+    # not marked private): stripped, lambda=1 equals the plain prompt
+    from compartments.nodes.cpr import CREDIT_KEY, PRIVATE_KEY
+
+    unmarked = [[t, {k: v for k, v in d.items() if k not in (PRIVATE_KEY, CREDIT_KEY)}] for t, d in private]
+    (g,) = comfy.run("CompartmentsCPRKLGuider", model=model, public=unmarked, private=private, negative=negative,
                      cfg=4.0, lambda_=1.0)
     torch.testing.assert_close(_sample(comfy, model, g), ref_plain, atol=2e-3, rtol=2e-3)
     (g0,) = comfy.run("CompartmentsCPRKLGuider", model=model, public=prompt, private=private, negative=negative,
@@ -60,3 +64,7 @@ def test_image_embeddings_reach_private_only(comfy, unclip):
     rec = json.loads(audit)
     assert rec["stripped_from_public"] == ["unclip_conditioning"]
     assert [c["id"] for c in rec["credits"][0]] == [1, 2]
+    # the private conditioning itself on 'public' (a wiring mistake that would switch protection off): refused
+    with pytest.raises(ValueError, match="input 'public': this conditioning is marked private"):
+        comfy.run("CompartmentsCPRKLGuider", model=model, public=private, private=private, negative=negative,
+                  cfg=4.0, lambda_=1.0)

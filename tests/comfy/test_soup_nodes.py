@@ -198,7 +198,7 @@ def test_soup_models_any_number_is_the_four_input_node_with_autogrow(comfy, prep
     from compartments.nodes._host import InputError
 
     for weights, problem in (("1, 1", "2 weight(s) for 3 connected"), ("a, b, c", "not a comma-separated"),
-                             ("0, 0, 0", "all weights are 0"), ("1, -1, 1", ">= 0")):
+                             ("0, 0, 0", "all weights are 0"), ("1, -1, 1", "from 1e-06 to 1e+06 (or 0)")):
         with pytest.raises(InputError, match=r"Soup Models \(any number\): input .weights.: .*" + re.escape(problem)):
             comfy.run(node, models=dict(zip(("model0", "model1", "model2"), models, strict=True)), weights=weights)
     with pytest.raises(InputError, match="input 'models': 1 model"):
