@@ -266,7 +266,7 @@ class RetrieveImages(io.ComfyNode):
             display_name="Retrieve Images",
             category=CATEGORY,
             description="The k stored images most similar (open_clip cosine) to a text or an image, among the "
-                        "private, public or all items. 'ids' is JSON with the id, sha256 and owner of every image "
+                        "private (the owner's only), public or all items. 'ids' is JSON with the id, sha256 and owner of every image "
                         "returned, for credit attribution.",
             inputs=[
                 StoreType.Input("store"),
@@ -274,18 +274,21 @@ class RetrieveImages(io.ComfyNode):
                 io.Int.Input("k", default=4, min=1, max=256),
                 io.Combo.Input("visibility", options=list(FILTERS), default="private"),
                 io.Image.Input("image", optional=True, tooltip="Image query (batch: mean embedding)."),
+                io.String.Input("owner", optional=True, default="",
+                                tooltip="Whose private images to retrieve (empty: the owner the store was built "
+                                        "for). Public images are shared; another owner's private ones never return."),
             ],
             outputs=[io.Image.Output(display_name="images"), io.String.Output(display_name="ids")],
         )
 
     @classmethod
-    def execute(cls, store, text, k, visibility, image=None) -> io.NodeOutput:
+    def execute(cls, store, text, k, visibility, image=None, owner: str = "") -> io.NodeOutput:
         node = "Retrieve Images"
         _host.check_interrupt()
         with store.open(node) as opened:
             try:
                 hits = opened.query(text=text if image is None else (text or None), image=image, k=k,
-                                    visibility=visibility)
+                                    visibility=visibility, owner=(owner or "").strip() or None)
                 images = opened.load_images(hits)
             except StoreError as exc:
                 raise _input_error(node, exc, "text") from exc

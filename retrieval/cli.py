@@ -1,7 +1,7 @@
 """``python -m compartments store ...``: manage an image store without ComfyUI.
 
     store build  STORE --folder DIR --weights W.safetensors [--model-config auto] [--owner O] [--visibility private]
-    store query  STORE (--text T | --image FILE) [--k 4] [--visibility private|public|all]
+    store query  STORE (--text T | --image FILE) [--k 4] [--visibility private|public|all] [--owner O]
     store forget STORE REF...        (ids or sha256 hashes)
     store visibility STORE public|private REF...
     store list   STORE [--visibility all]
@@ -54,7 +54,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_query(args: argparse.Namespace) -> int:
     image = decode_image(Path(args.image).read_bytes())[0] if args.image else None
     with _open(args) as store:
-        hits = store.query(text=args.text, image=image, k=args.k, visibility=args.visibility)
+        hits = store.query(text=args.text, image=image, k=args.k, visibility=args.visibility, owner=args.owner)
         for h in hits:
             print(json.dumps({"id": h.id, "score": round(h.score, 5), "sha256": h.sha256, "owner": h.owner,
                               "visibility": h.visibility, "source": h.path}))
@@ -112,6 +112,7 @@ def register(sub) -> None:
     g.add_argument("--image")
     q.add_argument("--k", type=int, default=4)
     q.add_argument("--visibility", choices=FILTERS, default="private")
+    q.add_argument("--owner", help="whose private images (default: the owner the store was built for)")
     q.add_argument("--weights")
     q.add_argument("--model-config", default="auto")
     q.set_defaults(func=_guard(cmd_query))

@@ -676,6 +676,38 @@ class ImageStore:
             raise StoreError(f"visibility filter '{visibility}' is not one of {FILTERS}.", "", "visibility")
         return ("", []) if visibility == "all" else ("WHERE visibility=?", [visibility])
 
+    # -- owners: a privacy boundary ----------------------------------------------------------
+    def set_default_owner(self, owner: str) -> None:
+        """Record the owner the store was built for (whose private items a query returns by default)."""
+        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('owner', ?)", (owner,))
+
+    def default_owner(self) -> str | None:
+        """The owner recorded at build time; for older stores the only owner of private items.
+
+        None when private items belong to several owners and none was recorded: a query must
+        then say whose private items it wants (never everyone's).
+        """
+        row = self.db.execute("SELECT value FROM meta WHERE key='owner'").fetchone()
+        if row is not None:
+            return row[0]
+        owners = [r[0] for r in self.db.execute("SELECT DISTINCT owner FROM items WHERE visibility='private'")]
+        return owners[0] if len(owners) == 1 else ("" if not owners else None)
+
+    def _scope(self, visibility: str, owner: str | None) -> tuple[str, list]:
+        """SQL filter for a query: public items are shared; private ones only for ``owner``."""
+        if visibility not in FILTERS:
+            raise StoreError(f"visibility filter '{visibility}' is not one of {FILTERS}.", "", "visibility")
+        if visibility == "public":
+            return "WHERE visibility='public'", []
+        who = owner if owner else self.default_owner()
+        if who is None:
+            owners = sorted(r[0] for r in self.db.execute("SELECT DISTINCT owner FROM items WHERE visibility='private'"))
+            raise StoreError(f"the store holds private images of several owners ({', '.join(map(repr, owners))}) "
+                             "and none is its default.", "say whose private images to retrieve: set owner.", "owner")
+        if visibility == "private":
+            return "WHERE visibility='private' AND owner=?", [who]
+        return "WHERE visibility='public' OR (visibility='private' AND owner=?)", [who]
+
     def summary(self) -> dict:
         counts = dict(self.db.execute("SELECT visibility, COUNT(*) FROM items GROUP BY visibility").fetchall())
         return {"path": str(self.path), "items": len(self), "public": counts.get("public", 0),
@@ -698,24 +730,30 @@ class ImageStore:
         return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
 
     def query(self, text: str | None = None, image: torch.Tensor | None = None, k: int = 4,
-              visibility: str = "private") -> list[Hit]:
-        """The ``k`` items most similar to the query among those with the given visibility."""
-        where, args = self._filter(visibility)
+              visibility: str = "private", owner: str | None = None) -> list[Hit]:
+        """The ``k`` items most similar to the query among those with the given visibility.
+
+        Private items are returned only to their ``owner`` (default: the store's owner, see
+        :meth:`default_owner`); public items to everyone.
+        """
+        where, args = self._scope(visibility, owner)
         if k < 1:
             raise StoreError(f"k={k}: ask for at least one image.", "set k >= 1.", "k")
         total = len(self)
         if total == 0:
             raise StoreError("the store is empty.", "add images to it first.", "store")
         visible = np.array([r[0] for r in self.db.execute(f"SELECT id FROM items {where}", args)], dtype=np.int64)
+        whose = f" of owner {args[0]!r}" if args else ""
         if len(visible) == 0:
-            raise StoreError(f"the store holds {total} images but none is {visibility}.",
-                             "mark some images " + visibility + " or change the visibility filter.", "visibility")
+            raise StoreError(f"the store holds {total} images but none is {visibility}{whose}.",
+                             "mark some images " + visibility + ", change the visibility filter or the owner.",
+                             "visibility")
         if k > len(visible):
-            raise StoreError(f"k={k} but only {len(visible)} {'' if visibility == 'all' else visibility + ' '}images "
-                             f"are in the store.", f"set k <= {len(visible)}.", "k")
+            raise StoreError(f"k={k} but only {len(visible)} {'' if visibility == 'all' else visibility + ' '}images"
+                             f"{whose} are in the store.", f"set k <= {len(visible)}.", "k")
         q = self.query_vector(text, image)
         self._sync()
-        scores, ids = self.index.search(q, k, None if visibility == "all" else visible)
+        scores, ids = self.index.search(q, k, visible)
         keep = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
         items = {it.id: it for it in self.get([i for i, _ in keep])}
         return [Hit(**asdict(items[i]), score=s) for i, s in keep]
@@ -811,6 +849,7 @@ def build_or_update(path: str | Path, embedder: Embedder, folder: str | Path, ow
     try:
         store = ImageStore.create(tmp, embedder)
         try:
+            store.set_default_owner(owner)
             report = store.add_folder(folder, owner=owner, visibility=visibility, progress=progress)
         finally:
             store.close()

@@ -78,6 +78,13 @@ def test_build_retrieve_forget_list(comfy, prepared):
     comfy.run("CompartmentsRetrievalSetVisibility", store=store2, ids="1, 2", visibility="public")
     _, pub = comfy.run("CompartmentsRetrievalRetrieve", store=store2, text="a gradient", k=2, visibility="public")
     assert sorted(it["id"] for it in json.loads(pub)["items"]) == [1, 2]
+    # owners: the store's owner ("tester") is the default; another owner gets no private image
+    with pytest.raises(ValueError, match="Retrieve Images: input 'visibility': .*none is private of owner 'mallory'"):
+        comfy.run("CompartmentsRetrievalRetrieve", store=store2, text="a gradient", k=1, visibility="private",
+                  owner="mallory")
+    _, mine = comfy.run("CompartmentsRetrievalRetrieve", store=store2, text="a gradient", k=1, visibility="private",
+                        owner="tester")
+    assert json.loads(mine)["items"][0]["owner"] == "tester"
 
     (listing,) = comfy.run("CompartmentsRetrievalList", store=store2, visibility="all")
     data = json.loads(listing)

@@ -150,7 +150,7 @@ def test_forgotten_image_can_never_be_returned_again(store, embedder, folder):
     # a rebuild from the same folder does not bring it back; ids are never reused
     report = reopened.add_folder(folder)
     assert report.added == [] and sum("forgotten earlier" in r for _, r in report.skipped) == 2
-    readded = reopened.add_files([target.path], allow_forgotten=True)
+    readded = reopened.add_files([target.path], allow_forgotten=True, owner="alice")
     assert readded.added and readded.added[0] > max(it.id for it in reopened.list() if it.id != readded.added[0])
     assert target.id not in {h.id for h in reopened.query(image=_img(1), k=1, visibility="all")}
     reopened.close()
@@ -375,3 +375,46 @@ def test_parse_refs():
     assert parse_refs("  ") == []
     with pytest.raises(StoreError, match="do not parse"):
         parse_refs("{oops")
+
+
+def test_private_items_are_returned_only_to_their_owner(tmp_path, embedder, folder):
+    """Owners are a privacy boundary: one owner's private images never come back for another,
+    whatever the query; public ones are shared; the default is the owner the store was built for."""
+    from compartments.retrieval.store import build_or_update
+
+    store, _, created = build_or_update(tmp_path / "s", embedder, folder, owner="alice")
+    assert created and store.default_owner() == "alice"
+    moved = store.list()[-3:]  # give three images to bob: forget them, re-add as bob's
+    store.forget([it.id for it in moved])
+    bob = store.add_files([it.path for it in moved], owner="bob", allow_forgotten=True).added
+    store.set_visibility([store.list("private")[0].id], "public")
+    n = len(store)
+    alice_private = {it.id for it in store.list("private") if it.owner == "alice"}
+    public = {it.id for it in store.list("public")}
+    queries = [{"image": _img(i)} for i in range(4)] + [{"text": t} for t in ("x", "a picture")]
+    for q in queries:
+        assert not set(bob) & {h.id for h in store.query(k=len(alice_private), visibility="private", **q)}
+        every = {h.id for h in store.query(k=len(alice_private | public), visibility="all", **q)}
+        assert every == alice_private | public
+        as_bob = {h.id for h in store.query(k=len(bob), visibility="private", owner="bob", **q)}
+        assert as_bob == set(bob)
+    with pytest.raises(StoreError, match="only 3 private images of owner 'bob'"):
+        store.query(text="x", k=4, visibility="private", owner="bob")
+    with pytest.raises(StoreError, match="none is private of owner 'mallory'"):
+        store.query(text="x", k=1, visibility="private", owner="mallory")
+    assert len(store) == n and len(public) == 1
+    store.close()
+
+
+def test_an_old_store_with_several_owners_needs_an_owner(store, embedder, folder):
+    """A store built before owners were recorded: one owner is the default; several are ambiguous."""
+    assert store.default_owner() == "alice"
+    store.add_files([store.list()[0].path], owner="bob")  # already stored: nothing added
+    extra = store.list()[-1]
+    store.forget([extra.id])
+    store.add_files([extra.path], owner="bob", allow_forgotten=True)
+    assert store.default_owner() is None
+    with pytest.raises(StoreError, match="several owners .*'alice', 'bob'.* set owner") as err:
+        store.query(text="x", k=1, visibility="private")
+    assert err.value.field == "owner"
+    assert store.query(text="x", k=1, visibility="private", owner="bob")[0].owner == "bob"
