@@ -40,6 +40,12 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 def _read_embedded_config(weights: Path) -> dict | None:
     from safetensors import safe_open
 
+    from ..safetensors_header import HeaderError, check_file
+
+    try:
+        check_file(weights)  # a lying header is refused before anything is allocated
+    except (HeaderError, OSError) as exc:
+        raise EmbedderError(f"open_clip weights {weights.name}: {exc}") from None
     with safe_open(str(weights), framework="pt") as fh:
         meta = fh.metadata() or {}
     if CONFIG_KEY in meta:

@@ -244,10 +244,19 @@ class ImageStore:
             raise StoreError(f"'{self.path}' is not an image store (no {DB_NAME}).",
                              "build one first (ImageStore.create or the Build Image Store node).", "store")
         self.db = sqlite3.connect(str(db), isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA secure_delete=ON")  # deleted rows are overwritten, not left in free pages
-        self.config = json.loads(self._meta("config"))
+        try:
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA secure_delete=ON")  # deleted rows are overwritten, not left in free pages
+            self.config = json.loads(self._meta("config"))
+            if not isinstance(self.config, dict) or not isinstance(self.config.get("model"), dict):
+                raise ValueError("its config is not an object with a model")
+        except (sqlite3.DatabaseError, ValueError, TypeError) as exc:
+            self.db.close()
+            if isinstance(exc, StoreError):
+                raise
+            raise StoreError(f"'{self.path}': the store's database {DB_NAME} is damaged ({exc}).",
+                             "restore the store folder from a backup, or rebuild it from its images.", "store") from None
         if int(self.config.get("format_version", 0)) != FORMAT_VERSION:
             raise StoreError(f"store format {self.config.get('format_version')} is not {FORMAT_VERSION}.",
                              "rebuild the store with this version.", "store")

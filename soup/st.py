@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import replacing
+from ..safetensors_header import HeaderError, read_header
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -32,7 +33,6 @@ DTYPES: dict[str, torch.dtype] = {
 }
 NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 FLOATS = {"F64", "F32", "F16", "BF16"}
-MAX_HEADER = 100 * 1024 * 1024
 
 
 class FormatError(ValueError):
@@ -72,30 +72,16 @@ class Reader:
         self._shared = buffer or SharedBuffer()
         self._f = open(self.path, "rb")  # noqa: SIM115 - closed in close()
         try:
-            raw = self._f.read(8)
-            if len(raw) != 8:
-                raise FormatError(f"{self.path}: too short to be a safetensors file")
-            (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER:
-                raise FormatError(f"{self.path}: header of {n} bytes is not plausible")
-            header = json.loads(self._f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            self.metadata, raw_entries = read_header(self._f, self.path, set(DTYPES))
+        except HeaderError as e:
             self._f.close()
-            raise FormatError(f"{self.path}: unreadable safetensors header ({e})") from e
+            raise FormatError(str(e)) from None
         except Exception:
             self._f.close()
             raise
+        self.entries = {k: Entry(*v) for k, v in raw_entries.items()}
         self._fd = self._f.fileno()
         self._lock = threading.Lock()
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        base = 8 + n
-        self.entries: dict[str, Entry] = {}
-        for key, info in header.items():
-            if info["dtype"] not in DTYPES:
-                self._f.close()
-                raise FormatError(f"{self.path}: tensor '{key}' has unsupported dtype {info['dtype']}")
-            a, b = info["data_offsets"]
-            self.entries[key] = Entry(info["dtype"], tuple(info["shape"]), base + a, base + b)
 
     def keys(self) -> list[str]:
         return list(self.entries)

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..atomic import replacing
+from ..safetensors_header import HeaderError, check_file
 from .layers import Layout, MotionModule, make_layout
 
 FORMAT_TAG = "temporal-layers"
@@ -162,6 +163,10 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
     path = str(path)
     if not path.endswith(".safetensors"):
         raise FormatError(f"{os.path.basename(path)}: only .safetensors files are loaded (no pickle)")
+    try:
+        check_file(path)  # a lying header is refused before anything is allocated
+    except (HeaderError, OSError) as exc:
+        raise FormatError(f"{os.path.basename(path)}: {exc}") from None
     with safe_open(path, framework="pt") as f:
         metadata = dict(f.metadata() or {})
     return load_file(path), metadata

@@ -44,6 +44,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..safetensors_header import HeaderError, check_file
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseScaling = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SaveLayers = Callable[[nn.Module, str, dict], None]
@@ -189,8 +191,17 @@ def raw_save_layers(module: nn.Module, path: str, metadata: dict) -> None:
     save_file(sd, path, metadata={"format": RAW_LAYERS_FORMAT, **{k: str(v) for k, v in metadata.items()}})
 
 
+def _checked(path: str | Path, what: str) -> None:
+    """A lying or broken safetensors header is a TrainError before anything is allocated."""
+    try:
+        check_file(path)
+    except (HeaderError, OSError) as exc:
+        raise TrainError(f"{what}: {exc}. Fix: use a file saved by Train Temporal Layers, or train afresh.") from None
+
+
 def raw_load_layers(module: nn.Module, path: str) -> dict:
     """Fallback layers reader for :func:`raw_save_layers` files; returns the metadata."""
+    _checked(path, "layers")
     module.load_state_dict(load_file(path), strict=True)
     with safe_open(path, "pt") as f:
         return dict(f.metadata() or {})
@@ -291,6 +302,7 @@ def load_checkpoint(layers_path: str | Path, temporal: nn.Module, optimizer: tor
     if not optim_path.exists():
         raise TrainError(f"resume: '{optim_path.name}' (optimizer state) is missing beside '{layers_path.name}'. "
                          "Fix: turn resume off, or load the layers as a start and train afresh.")
+    _checked(optim_path, "resume")
     with safe_open(str(optim_path), "pt") as f:
         meta = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
