@@ -7,9 +7,48 @@ the whole new one, never a half-written model, store index or workflow.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def pid_alive(pid: int) -> bool:
+    """Is process ``pid`` running? (A pid we may not signal belongs to a live process.)"""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def sweep_stale(folder: str | os.PathLike, suffix: str) -> list[Path]:
+    """Remove ``.<name>.<pid><suffix>`` files or folders in ``folder`` left by processes that died
+    (a kill -9 mid-write); a live process's, and anything not named so, is left alone."""
+    pattern = re.compile(r"^\..+\.(\d+)" + re.escape(suffix) + "$")
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if not m or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
+            continue
+        path = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 @contextmanager
@@ -21,6 +60,7 @@ def replacing(path: str | os.PathLike, suffix: str = ".tmp", fsync: bool = True)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(path.parent, suffix)  # what a killed earlier write left beside it
     tmp = path.with_name(f".{path.name}.{os.getpid()}{suffix}")
     try:
         yield tmp

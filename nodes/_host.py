@@ -56,7 +56,8 @@ def list_dirs(name: str) -> list[str]:
     out: set[str] = set()
     for base in folder_dirs(name):
         if os.path.isdir(base):
-            out.update(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)))
+            # hidden folders are the pack's work in progress (".NAME.PID.building"), never a choice
+            out.update(d for d in os.listdir(base) if not d.startswith(".") and os.path.isdir(os.path.join(base, d)))
     return sorted(out)
 
 

@@ -44,12 +44,35 @@ _scratch: set[str] = set()  # scratch soups written by this process
 _scratch_lost = 0  # how many of them have vanished (temp folder emptied): part of every fingerprint
 
 
+# Scratch soups kept in ComfyUI's temp folder; older ones are evicted (each is about one or
+# three models in size and they filled disks). A wire holding an evicted one makes its node
+# re-run (fingerprint_inputs) and the consumers say so clearly; Save Soup keeps one for good.
+SCRATCH_KEEP = int(os.environ.get("COMPARTMENTS_SCRATCH_SOUPS", "4"))
+
+
 def _scratch_path() -> str:
     folder = os.path.join(folder_paths.get_temp_directory(), "compartments_soup")
     os.makedirs(folder, exist_ok=True)
+    _evict_scratch(folder, max(SCRATCH_KEEP - 1, 0))
     path = os.path.join(folder, f"soup-{uuid.uuid4().hex[:12]}.safetensors")
     _scratch.add(path)
     return path
+
+
+def _evict_scratch(folder: str, keep: int) -> None:
+    """Delete all but the ``keep`` newest scratch soups in ``folder`` (oldest first)."""
+    soups = []
+    for entry in os.scandir(folder):
+        if entry.name.startswith("soup-") and entry.name.endswith(".safetensors"):
+            try:
+                soups.append((entry.stat().st_mtime, entry.path))
+            except OSError:
+                continue
+    for _, path in sorted(soups)[: max(len(soups) - keep, 0)]:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _fingerprint(*checkpoints: str) -> str:

@@ -30,6 +30,7 @@ from ..temporal.train import (
     TrainConfig,
     TrainError,
     TrainResult,
+    check_layers_path,
     loss_curve_image,
     loss_report,
     train_temporal,
@@ -251,6 +252,10 @@ class TrainTemporalLayers(io.ComfyNode):
         if not save_name.strip():
             raise _host.InputError(NODE, "save_name", "is empty.", "give a name such as temporal_train/my_layers.")
         save_to = _host.save_path(FOLDER, save_name.strip(), NODE, "save_name")
+        try:
+            check_layers_path(save_to)
+        except TrainError as exc:
+            raise _host.InputError(NODE, "save_name", str(exc)) from exc
         if resume and not os.path.exists(save_to):
             raise _host.InputError(NODE, "resume", f"nothing to resume: '{save_name}' is not in models/{FOLDER}.",
                                    "turn resume off for the first run.")

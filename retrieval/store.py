@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import write_bytes
+from ..atomic import sweep_stale, write_bytes
 from .embed import Embedder
 from .index import BACKENDS, VectorIndex
 
@@ -844,6 +844,9 @@ def build_or_update(path: str | Path, embedder: Embedder, folder: str | Path, ow
     the add succeeded, so a failed or cancelled first build leaves no store behind.
     """
     path = Path(path)
+    if path.parent.is_dir():
+        for suffix in (".building", ".creating"):
+            sweep_stale(path.parent, suffix)
     if (path / DB_NAME).is_file():
         store = ImageStore(path, embedder)
         try:
@@ -853,6 +856,8 @@ def build_or_update(path: str | Path, embedder: Embedder, folder: str | Path, ow
             raise
     if path.exists():
         raise StoreError(f"'{path}' exists and is not an image store.", "pick another store name.", "store")
+    for suffix in (".building", ".creating"):  # first builds killed mid-way (copies of their images)
+        sweep_stale(path.parent, suffix)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.building")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..client import ComfyError, find_comfyui
 from .data import FramesError, load_frames
-from .train import TrainConfig, TrainError, optim_path_for
+from .train import TrainConfig, TrainError, check_layers_path, optim_path_for
 
 HELP = ("Train Video-LDM temporal layers on a video or image sequence with the image model frozen. "
         "Imports ComfyUI from --comfyui PATH to load the checkpoint, VAE and model sampling "
@@ -72,6 +72,7 @@ def cmd_train_temporal(args: argparse.Namespace) -> int:
             raise TrainError(f"--checkpoint: '{args.checkpoint}' does not exist.")
         if not args.out.endswith(".safetensors"):
             raise TrainError(f"--out: '{args.out}' must end in .safetensors (no pickle).")
+        check_layers_path(args.out)
         if args.resume and not (Path(args.out).exists() and optim_path_for(args.out).exists()):
             raise TrainError(f"--resume: '{args.out}' or its .optim.safetensors is missing. Fix: drop --resume.")
         if (args.width is None) != (args.height is None):

@@ -226,6 +226,17 @@ def video_ldm_io(frames: int, base: str | None = None) -> tuple[SaveLayers, Load
     return save, load
 
 
+def check_layers_path(layers_path: str | Path) -> None:
+    """Refuse a layers file name that is another run's optimizer state (``x.optim`` after ``x``
+    would overwrite x's), the one collision the naming scheme allows."""
+    name = Path(layers_path).name
+    stem = name[: -len(".safetensors")] if name.endswith(".safetensors") else name
+    if stem.endswith(".optim"):
+        raise TrainError(f"'{name}' is the optimizer-state name of the run '{stem[:-len('.optim')]}': saving layers "
+                         "there would overwrite that run's optimizer state. Fix: pick a name that does not end "
+                         "in '.optim'.")
+
+
 def optim_path_for(layers_path: str | Path) -> Path:
     p = Path(layers_path)
     stem = p.name[: -len(".safetensors")] if p.name.endswith(".safetensors") else p.name

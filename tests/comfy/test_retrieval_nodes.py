@@ -123,3 +123,19 @@ def test_cancel_mid_build_leaves_no_store(comfy, prepared):
         mm.interrupt_current_processing(False)
     assert not (comfy.models_dir / "retrieval_stores" / "nodes-cancelled").exists()
     assert not [p for p in (comfy.models_dir / "retrieval_stores").iterdir() if "nodes-cancelled" in p.name]
+
+
+def test_building_folders_are_never_offered(comfy, prepared):
+    """A killed first build leaves '.NAME.PID.building' (copies of images): never a dropdown choice."""
+    root = comfy.models_dir / "retrieval_stores"
+    root.mkdir(parents=True, exist_ok=True)
+    hidden = root / ".half.4242.building"
+    (hidden / "images").mkdir(parents=True, exist_ok=True)
+    try:
+        schema = comfy.node("CompartmentsRetrievalLoadStore").GET_SCHEMA()
+        options = next(i.options for i in schema.inputs if i.id == "store")
+        assert not [o for o in options if o.startswith(".")], options
+    finally:
+        import shutil
+
+        shutil.rmtree(hidden, ignore_errors=True)

@@ -203,3 +203,22 @@ def test_soup_models_any_number_is_the_four_input_node_with_autogrow(comfy, prep
             comfy.run(node, models=dict(zip(("model0", "model1", "model2"), models, strict=True)), weights=weights)
     with pytest.raises(InputError, match="input 'models': 1 model"):
         comfy.run(node, models={"model0": models[0], "model1": None}, weights="")
+
+
+def test_superseded_scratch_soups_are_evicted(comfy, prepared):
+    """Each soup node run writes a scratch soup into ComfyUI's temp folder; only the newest
+    SCRATCH_KEEP stay (they filled disks), and a wire to an evicted one asks to re-run."""
+    import folder_paths
+
+    from compartments.nodes import soup as soup_nodes
+
+    folder = Path(folder_paths.get_temp_directory()) / "compartments_soup"
+    refs = [_build(comfy, members="soup-member-a.safetensors\nsoup-member-b.safetensors")[0]
+            for _ in range(soup_nodes.SCRATCH_KEEP + 2)]
+    left = sorted(folder.glob("soup-*.safetensors"))
+    assert len(left) == soup_nodes.SCRATCH_KEEP
+    assert {Path(r.path) for r in refs[-soup_nodes.SCRATCH_KEEP:]} == set(left)
+    from compartments.nodes._host import InputError
+
+    with pytest.raises(InputError, match="Inspect Soup: input 'soup': the soup file .* is gone"):
+        comfy.run("CompartmentsSoupInspect", soup=refs[0], as_json=True)

@@ -198,3 +198,15 @@ def test_report_and_curve_image():
     assert "steps: 3" in text and json.loads(text.splitlines()[-1])["losses"]
     img = loss_curve_image(result.losses, result.eval_curve)
     assert img.shape == (1, 256, 512, 3) and 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+
+
+def test_a_layers_name_that_is_another_runs_optimizer_state_is_refused(tmp_path):
+    """Training 'x.optim' after 'x' would overwrite x's optimizer state (x.optim.safetensors)."""
+    from compartments.temporal.train import TrainError, check_layers_path, optim_path_for
+
+    assert optim_path_for(tmp_path / "x.safetensors").name == "x.optim.safetensors"
+    for bad in ("x.optim.safetensors", "x.optim", "sub/y.optim.safetensors"):
+        with pytest.raises(TrainError, match="optimizer-state name of the run"):
+            check_layers_path(tmp_path / bad)
+    check_layers_path(tmp_path / "x.safetensors")
+    check_layers_path(tmp_path / "optimal.safetensors")
