@@ -44,9 +44,17 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+try:
+    import fcntl
+    msvcrt = None
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
 
 import numpy as np
 import torch
@@ -368,7 +376,9 @@ class ImageStore:
         heapq.heapify(free)
         self.index, self._free, self._nslots, self._gen = index, free, top, gen
         if own:  # inside a write, copies of the add in progress exist but have no row yet
-            self._gc_files()
+            with _writer_lock(self.path, blocking=False) as held:
+                if held:  # no writer is between writing its copies and committing their rows
+                    self._gc_files()
 
     def _reembed(self, ids: list[int]) -> np.ndarray:
         """Vectors for items whose slot was lost or damaged, from their stored copies."""
@@ -510,17 +520,21 @@ class ImageStore:
             return report
         vecs = self.embedder.embed_images([s["pixels"] for s in staged], progress=progress)
         written: list[Path] = []
-        try:
-            for s in staged:
-                dst = self.path / s["file"]
-                if not dst.exists():
-                    write_bytes(dst, s["data"])
-                    written.append(dst)
-            new_ids = self._insert(staged, vecs, owner, visibility)
-        except BaseException:
-            for p in written:
-                p.unlink(missing_ok=True)
-            raise
+        # From the first copy to the commit naming it, hold the store's writer lock: another
+        # process opening the store then leaves the copies alone (its clean-up waits for a
+        # moment when no writer is between the two).
+        with _writer_lock(self.path):
+            try:
+                for s in staged:
+                    dst = self.path / s["file"]
+                    if not dst.exists():
+                        write_bytes(dst, s["data"])
+                        written.append(dst)
+                new_ids = self._insert(staged, vecs, owner, visibility)
+            except BaseException:
+                for p in written:
+                    p.unlink(missing_ok=True)
+                raise
         report.added = new_ids
         return report
 
@@ -834,6 +848,44 @@ def parse_refs(text: str) -> list[int | str]:
             out.append(entry)
         return out
     return [int(t) if t.isdigit() else t for t in text.replace(",", " ").split()]
+
+
+LOCK_NAME = "write.lock"
+
+
+@contextmanager
+def _writer_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
+    """A cross-process lock on ``<store>/write.lock`` (flock; released if the process dies).
+
+    Yields True when held; with ``blocking=False`` yields False at once if another process holds it.
+    """
+    try:
+        lock = open(path / LOCK_NAME, "a+b")  # noqa: SIM115 - closed below
+    except OSError:
+        if blocking:
+            raise
+        yield False  # a read-only store: nobody can be writing copies into it through us
+        return
+    try:
+        try:
+            if fcntl is not None:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            else:  # Windows
+                msvcrt.locking(lock.fileno(), msvcrt.LK_LOCK if blocking else msvcrt.LK_NBLCK, 1)
+        except OSError:
+            if blocking:
+                raise
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            if fcntl is not None:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+            else:
+                msvcrt.locking(lock.fileno(), msvcrt.LK_UNLCK, 1)
+    finally:
+        lock.close()
 
 
 def build_or_update(path: str | Path, embedder: Embedder, folder: str | Path, owner: str = "",
