@@ -93,8 +93,6 @@ def store_figures(n: int, dim: int, threads: int, common: dict) -> None:
     """forget and open on a real ImageStore of ``n`` vectors (what the Forget node runs)."""
     import hashlib
 
-    import torch
-
     from compartments.retrieval import ImageStore
     from compartments.retrieval.store import DB_NAME, VECTORS_NAME
 
@@ -105,7 +103,7 @@ def store_figures(n: int, dim: int, threads: int, common: dict) -> None:
         for start in range(0, n, 1000):  # the store's real write path, without embedding pixels
             m = min(1000, n - start)
             staged = [{"sha": hashlib.sha256(str(start + i).encode()).hexdigest(), "path": f"{start + i}.png",
-                       "file": f"images/{start + i}.png", "pixels": torch.zeros(1, 1, 3)} for i in range(m)]
+                       "file": f"images/{start + i}.png", "width": 1, "height": 1} for i in range(m)]
             ids += store._insert(staged, _unit(m, dim, rng), "bench", "private")
         vec_file, db_file = store.path / VECTORS_NAME, store.path / DB_NAME
         sizes = (vec_file.stat().st_size, db_file.stat().st_size)

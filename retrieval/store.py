@@ -132,20 +132,38 @@ class AddReport:
         return {"added": self.added, "skipped": [{"path": p, "reason": r} for p, r in self.skipped]}
 
 
-def decode_image(data: bytes) -> tuple[torch.Tensor, str]:
-    """Bytes -> ([H, W, 3] float 0..1, PIL format). Raises on corrupt/truncated/non-image data.
+# Embedding needs far less than a 6000x6000 photo (open_clip sees 224 px): images are decoded
+# for it at most this long on a side, one batch at a time, so a folder of huge images costs one
+# batch of small ones in memory. The stored copy keeps the original bytes.
+EMBED_SIDE = 1024
+EMBED_BATCH = 16
 
-    ``verify()`` first: it catches truncated files even when another part of the process
-    (ComfyUI's loader) has set ``ImageFile.LOAD_TRUNCATED_IMAGES``.
-    """
-    from PIL import Image, ImageOps
+
+def probe_image(data: bytes) -> tuple[str, int, int]:
+    """(PIL format, width, height) of image bytes, without decoding the pixels. Raises on
+    corrupt/truncated/non-image data (``verify()`` catches truncation even when another part of
+    the process, ComfyUI's loader, has set ``ImageFile.LOAD_TRUNCATED_IMAGES``)."""
+    from PIL import Image
 
     with Image.open(io.BytesIO(data)) as probe:
-        fmt = probe.format or "PNG"
+        fmt, (w, h) = probe.format or "PNG", probe.size
         probe.verify()
+    return fmt, w, h
+
+
+def decode_image(data: bytes, max_side: int | None = None) -> tuple[torch.Tensor, str]:
+    """Bytes -> ([H, W, 3] float 0..1, PIL format); with ``max_side``, downscaled (aspect kept)
+    so no side exceeds it. Raises on corrupt/truncated/non-image data."""
+    from PIL import Image, ImageOps
+
+    fmt = probe_image(data)[0]
     with Image.open(io.BytesIO(data)) as img:
+        if max_side:
+            img.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale directly
         img.load()
         img = ImageOps.exif_transpose(img).convert("RGB")
+        if max_side and max(img.size) > max_side:
+            img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
         arr = np.asarray(img, dtype=np.uint8).copy()
     return torch.from_numpy(arr).float().div_(255.0), fmt
 
@@ -507,18 +525,19 @@ class ImageStore:
                 report.skipped.append((str(f), "forgotten earlier: not re-added (allow_forgotten to override)"))
                 continue
             try:
-                pixels, fmt = decode_image(data)
+                fmt, width, height = probe_image(data)
+                decode_image(data, max_side=64)  # a full decode catches what verify() does not
             except Exception as exc:  # PIL raises many types for bad data; each is a skip, not a crash
                 why = "unrecognised format" if type(exc).__name__ == "UnidentifiedImageError" else str(exc)
                 report.skipped.append((str(f), f"not a readable image: {why}"))
                 continue
             known.add(sha)
             ext = {"JPEG": "jpg"}.get(fmt, fmt.lower())
-            staged.append({"sha": sha, "path": str(f), "data": data, "pixels": pixels,
+            staged.append({"sha": sha, "path": str(f), "data": data, "width": width, "height": height,
                            "file": f"{IMAGE_DIR}/{sha}.{ext}"})
         if not staged:
             return report
-        vecs = self.embedder.embed_images([s["pixels"] for s in staged], progress=progress)
+        vecs = self._embed_staged(staged, progress)
         written: list[Path] = []
         # From the first copy to the commit naming it, hold the store's writer lock: another
         # process opening the store then leaves the copies alone (its clean-up waits for a
@@ -538,6 +557,17 @@ class ImageStore:
         report.added = new_ids
         return report
 
+    def _embed_staged(self, staged: list[dict], progress: Progress | None) -> np.ndarray:
+        """Decode (at most EMBED_SIDE on a side) and embed one batch at a time: bounded memory."""
+        out, total = [], len(staged)
+        for start in range(0, total, EMBED_BATCH):
+            batch = [decode_image(s["data"], EMBED_SIDE)[0] for s in staged[start:start + EMBED_BATCH]]
+            out.append(self.embedder.embed_images(batch, batch_size=EMBED_BATCH))
+            del batch
+            if progress is not None:
+                progress(min(start + EMBED_BATCH, total), total)
+        return np.concatenate(out)
+
     def _insert(self, staged: list[dict], vecs: np.ndarray, owner: str, visibility: str) -> list[int]:
         """One transaction: vectors into free slots (fsynced), then the rows naming them, commit."""
         now = time.time()
@@ -550,7 +580,7 @@ class ImageStore:
             slots = self._take_slots(len(staged))
             self.slots.write(slots, vecs)
             for s, slot in zip(staged, slots, strict=True):
-                h, w = s["pixels"].shape[:2]
+                h, w = s["height"], s["width"]
                 cur = self.db.execute(
                     "INSERT INTO items(sha256, path, file, owner, visibility, added, width, height, slot)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

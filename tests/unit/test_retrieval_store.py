@@ -254,7 +254,7 @@ def _bulk(s: ImageStore, n: int, seed: int) -> tuple[list[int], np.ndarray]:
     vecs = rng.standard_normal((n, s.dim)).astype(np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     staged = [{"sha": hashlib.sha256(f"{seed}-{i}".encode()).hexdigest(), "path": f"bulk/{i}.png",
-               "file": f"images/bulk-{i}.png", "pixels": torch.zeros(8, 8, 3)} for i in range(n)]
+               "file": f"images/bulk-{i}.png", "width": 8, "height": 8} for i in range(n)]
     return s._insert(staged, vecs, "bulk", "private"), vecs
 
 
@@ -418,3 +418,32 @@ def test_an_old_store_with_several_owners_needs_an_owner(store, embedder, folder
         store.query(text="x", k=1, visibility="private")
     assert err.value.field == "owner"
     assert store.query(text="x", k=1, visibility="private", owner="bob")[0].owner == "bob"
+
+
+def test_a_folder_of_huge_images_is_embedded_in_bounded_memory(tmp_path):
+    """Six 6000x6000 PNGs (432 MB of float pixels each if decoded whole): decoded for embedding
+    one batch at a time at most EMBED_SIDE on a side, so the build stays far below their sum."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from compartments.tiny import retrieval as tiny_retrieval
+
+    folder = tmp_path / "huge"
+    folder.mkdir()
+    for i in range(6):
+        Image.new("RGB", (6000, 6000), (40 * i, 255 - 30 * i, 90)).save(folder / f"big{i}.png")
+    code = (
+        "import resource, sys\n"
+        "from compartments.retrieval.embed import Embedder\n"
+        "from compartments.retrieval.store import build_or_update\n"
+        "s, rep, _ = build_or_update(sys.argv[1], Embedder(sys.argv[2]), sys.argv[3], owner='me')\n"
+        "assert len(rep.added) == 6, rep\n"
+        "assert {(it.width, it.height) for it in s.list()} == {(6000, 6000)}\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "store"), str(tiny_retrieval.clip_weights()),
+                          str(folder)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    peak_gb = int(res.stdout.split()[-1]) / 1024 ** 2
+    assert peak_gb < 1.6, f"peak RSS {peak_gb:.2f} GB for six huge images"
