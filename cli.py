@@ -13,13 +13,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 from .atomic import write_text
 from .client import ComfyClient, ComfyError, ComfyServer, comfyui_version, find_comfyui, safe_name
+from .errors import CompartmentsError
 
 PACK = Path(__file__).resolve().parent
 WORKFLOWS = PACK / "workflows"
@@ -199,13 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command: a user's error is one line on stderr and exit 2; a bug says it is one."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except ComfyError as e:
-        return _fail(str(e))
+    except (ComfyError, CompartmentsError) as e:
+        where = f"{e.field}: " if isinstance(e, CompartmentsError) and e.field and e.field not in str(e) else ""
+        return _fail(where + " ".join(str(e).split()))
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    except Exception as e:  # noqa: BLE001 - the last line of defence: a bug, reported as one
+        fd, log = tempfile.mkstemp(prefix="compartments-error-", suffix=".log")
+        with os.fdopen(fd, "w") as fh:
+            traceback.print_exc(file=fh)
+        return _fail(f"internal error (a bug in Compartments, not your input): {type(e).__name__}: "
+                     f"{' '.join(str(e).split())[:300]}. Traceback: {log}", 70)
 
 
 if __name__ == "__main__":

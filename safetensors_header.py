@@ -16,12 +16,14 @@ import struct
 from pathlib import Path
 from typing import BinaryIO
 
+from .errors import CompartmentsError
+
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
             "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 MAX_HEADER = 100 * 1024 * 1024
 
 
-class HeaderError(ValueError):
+class HeaderError(CompartmentsError):
     """The file is not a well-formed safetensors file (the message names the file and what is wrong)."""
 
 

@@ -11,7 +11,9 @@ before the first ``comfy`` import fixes the device.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import pkgutil
 from typing import Any
 
@@ -41,7 +43,57 @@ def all_nodes() -> list[type]:
     bad = [i for i in ids if not i.startswith("Compartments")]
     if bad:
         raise RuntimeError(f"Compartments: node ids must start with 'Compartments': {bad}")
-    return found
+    return [_guarded(n) for n in found]
+
+
+def _passes_through(exc: BaseException) -> bool:
+    """The user's input errors, Cancel and out-of-memory go to ComfyUI as they are."""
+    from comfy.model_management import InterruptProcessingException
+
+    from ._host import InputError
+
+    return isinstance(exc, (InputError, InterruptProcessingException, MemoryError)) or \
+        type(exc).__name__ == "OutOfMemoryError"
+
+
+def _guarded(cls: type) -> type:
+    """Wrap ``cls.execute`` (once): a room's CompartmentsError becomes ComfyUI's error naming the node
+    and the input; any other exception that is not Cancel or out-of-memory is reported as a bug."""
+    if cls.__dict__.get("_compartments_guarded"):
+        return cls
+    from ..errors import CompartmentsError
+    from ._host import internal_error, translated
+
+    original = cls.__dict__["execute"].__func__
+    node = cls.GET_SCHEMA().display_name
+
+    def handle(exc: Exception) -> Exception:
+        if isinstance(exc, CompartmentsError):
+            return translated(node, exc)
+        return exc if _passes_through(exc) else internal_error(node, exc)
+
+    if inspect.iscoroutinefunction(original):
+        async def execute(klass, *args, **kwargs):
+            try:
+                return await original(klass, *args, **kwargs)
+            except Exception as exc:
+                new = handle(exc)
+                if new is exc:
+                    raise
+                raise new from exc
+    else:
+        def execute(klass, *args, **kwargs):
+            try:
+                return original(klass, *args, **kwargs)
+            except Exception as exc:
+                new = handle(exc)
+                if new is exc:
+                    raise
+                raise new from exc
+
+    cls.execute = classmethod(functools.wraps(original)(execute))
+    cls._compartments_guarded = True
+    return cls
 
 
 def extension() -> Any:

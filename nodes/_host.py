@@ -16,11 +16,13 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 
+from ..errors import CompartmentsError
+
 SAFETENSORS = {".safetensors"}
 
 
 class InputError(ValueError):
-    """A user-facing error: names the node, the input and the fix."""
+    """A user-facing error: names the node, the input and the fix (what ComfyUI shows)."""
 
     def __init__(self, node: str, input_name: str, problem: str, fix: str = ""):
         msg = f"{node}: input '{input_name}': {problem}"
@@ -139,3 +141,15 @@ def check_numbers(cls: Any, **values: Any) -> None:
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             raise InputError(schema.display_name, label, f"{v:g} is outside {lo:g}..{hi:g}.",
                              f"give a number from {lo:g} to {hi:g}.")
+
+
+def translated(node: str, exc: CompartmentsError, default_input: str = "") -> InputError:
+    """The one translation of a room's error into ComfyUI's: node, input, problem, fix."""
+    return InputError(node, exc.field or default_input or "(see message)", exc.problem, exc.fix)
+
+
+def internal_error(node: str, exc: BaseException) -> RuntimeError:
+    """What a user sees for an exception that is neither their input nor the host's: a bug."""
+    return RuntimeError(f"{node}: internal error in Compartments (a bug, not your input): {type(exc).__name__}: "
+                        f"{str(exc)[:500]}. The full traceback is in ComfyUI's console and log (comfyui.log in its "
+                        "user folder); please report it with that traceback.")

@@ -20,12 +20,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import CompartmentsError
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 CONFIG_KEY = "open_clip_config"
 
 
-class EmbedderError(ValueError):
+class EmbedderError(CompartmentsError):
     """The weights or config cannot make an open_clip model; the message says what to do."""
 
 

@@ -60,6 +60,7 @@ import numpy as np
 import torch
 
 from ..atomic import sweep_stale, write_bytes
+from ..errors import CompartmentsError
 from .embed import Embedder
 from .index import BACKENDS, VectorIndex
 
@@ -91,12 +92,8 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
-class StoreError(ValueError):
+class StoreError(CompartmentsError):
     """A user-facing store problem. ``field`` names the argument at fault, ``fix`` what to do."""
-
-    def __init__(self, problem: str, fix: str = "", field: str = ""):
-        self.problem, self.fix, self.field = problem, fix, field
-        super().__init__(problem + (f" Fix: {fix}" if fix else ""))
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import CompartmentsError
 
-class CPRInputError(ValueError):
+
+class CPRInputError(CompartmentsError):
     """Bad CPR parameters (raised before any sampling work happens)."""
 
 

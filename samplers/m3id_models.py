@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ..errors import CompartmentsError
+
 # family -> (auto class name used for loading, needs a chat template)
 FAMILIES: dict[str, str] = {
     "llava": "LlavaForConditionalGeneration",
@@ -41,7 +43,7 @@ FALLBACK_TEMPLATES: dict[str, tuple[str, str]] = {
 FALLBACK_TEMPLATES["qwen2_5_vl"] = FALLBACK_TEMPLATES["qwen2_vl"]
 
 
-class VLMFolderError(ValueError):
+class VLMFolderError(CompartmentsError):
     """The folder is not a VLM this module can run; the message names the folder and why."""
 
 

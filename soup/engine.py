@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CompartmentsError
 from .manifest import META_KEY, SUM_PREFIX, UNET_PREFIX, Manifest, Member
 from .st import DTYPES, FLOATS, NAMES, Planned, Reader, SharedBuffer, atomic_writer
 
@@ -35,7 +36,7 @@ MANTISSA = {"F16": 11, "BF16": 8, "F32": 24, "F64": 53}
 OUT_DTYPES = {"same": None, "float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
 
-class SoupError(ValueError):
+class SoupError(CompartmentsError):
     """A user-facing soup problem (incompatible members, not a member, last member...)."""
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import replacing
+from ..errors import CompartmentsError
 from ..safetensors_header import HeaderError, read_header
 
 DTYPES: dict[str, torch.dtype] = {
@@ -35,7 +36,7 @@ NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 FLOATS = {"F64", "F32", "F16", "BF16"}
 
 
-class FormatError(ValueError):
+class FormatError(CompartmentsError):
     """The file is not a readable safetensors file."""
 
 

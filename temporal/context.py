@@ -16,10 +16,12 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import CompartmentsError
+
 BLENDS = ("pyramid", "linear", "flat")
 
 
-class WindowError(ValueError):
+class WindowError(CompartmentsError):
     """A bad window request; the message names the input (``context_length``...)."""
 
 

@@ -16,12 +16,13 @@ import torch
 from PIL import Image, ImageDraw, ImageSequence
 
 from ..atomic import replacing
+from ..errors import CompartmentsError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 VIDEO_EXTS = {".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v"}
 
 
-class FramesError(ValueError):
+class FramesError(CompartmentsError):
     """Bad frame input, with the input named and the fix spelled out."""
 
 

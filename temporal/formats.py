@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..atomic import replacing
+from ..errors import CompartmentsError
 from ..safetensors_header import HeaderError, check_file
 from .layers import Layout, MotionModule, make_layout
 
@@ -34,7 +35,7 @@ FORMAT_TAG = "temporal-layers"
 _SLOT = re.compile(r"^(down_blocks\.(\d+)|mid_block|up_blocks\.(\d+))\.motion_modules\.(\d+)\.")
 
 
-class FormatError(ValueError):
+class FormatError(CompartmentsError):
     """The weights are not a motion module this loader understands (message says why)."""
 
 

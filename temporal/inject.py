@@ -17,13 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import CompartmentsError
 from .layers import Layout, MotionModule, TemporalLayer
 
 Block = tuple[str, int]
 ApplyFn = Callable[[Block, torch.Tensor, int, Any], torch.Tensor]
 
 
-class LayoutMismatch(ValueError):
+class LayoutMismatch(CompartmentsError):
     """Temporal layers built for another UNet (e.g. an SDXL motion module on an SD1.5 model)."""
 
 

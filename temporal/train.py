@@ -44,6 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import CompartmentsError
 from ..safetensors_header import HeaderError, check_file
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -58,7 +59,7 @@ RAW_LAYERS_FORMAT = "compartments.temporal.raw/1"
 EVAL_SALT = 0x5EED_E7A1
 
 
-class TrainError(ValueError):
+class TrainError(CompartmentsError):
     """Bad training input: names the input and the fix."""
 
 

@@ -144,3 +144,31 @@ def test_every_float_input_refuses_nan_infinity_and_out_of_range(comfy, bad):
             assert f"{schema.display_name}: input '{label}'" in str(err.value), (node_id, str(err.value))
             checked.append(f"{node_id}.{spec.id}")
     assert len(checked) >= 14, checked
+
+
+def test_room_errors_become_node_errors_and_bugs_say_so(comfy, tmp_path):
+    """A room's CompartmentsError that a node does not translate itself still reaches the user as
+    'node: input: problem. Fix: ...'; anything else (not Cancel, not out-of-memory) is a bug."""
+    from safetensors.torch import save_file
+
+    from compartments.nodes._host import InputError
+    from compartments.nodes.soup import SoupRef
+
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(2)}, str(plain))
+    with pytest.raises(InputError, match=r"^Inspect Soup: input .*not a Compartments soup"):
+        comfy.run("CompartmentsSoupInspect", soup=SoupRef(str(plain), None), as_json=True)
+    with pytest.raises(RuntimeError, match=r"^Inspect Soup: internal error in Compartments \(a bug, not your input\)"):
+        comfy.run("CompartmentsSoupInspect", soup=None, as_json=True)
+    import comfy.model_management as mm
+
+    from compartments.tiny import soup as tiny_soup
+
+    tiny_soup.prepare(comfy.models_dir, comfy.input_dir)
+    mm.interrupt_current_processing(True)  # Cancel passes through as ComfyUI's own exception
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            comfy.run("CompartmentsSoupBuild", members="soup-member-a.safetensors", base="first member",
+                      components="unet", dtype="same", keep_sum=True)
+    finally:
+        mm.interrupt_current_processing(False)

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HOST_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "nodes", "node_helpers",
                 "latent_preview", "server", "execution", "comfy_config"}
 ROOMS = ("soup", "samplers", "retrieval", "temporal", "tiny")
-PLAIN_MODULES = ("atomic", "client", "cli", "workflow_ui", "safetensors_header")
+PLAIN_MODULES = ("atomic", "client", "cli", "workflow_ui", "safetensors_header", "errors")
 
 
 def _room_files() -> list[Path]:
