@@ -63,8 +63,18 @@ def list_dirs(name: str) -> list[str]:
     return sorted(out)
 
 
+def check_name(value: str, node: str, input_name: str) -> str:
+    """Refuse a file or folder name no file system takes: NUL bytes, a part over 255 bytes."""
+    if not isinstance(value, str) or "\0" in value:
+        raise InputError(node, input_name, "the name contains a NUL byte.", "type a plain file name.")
+    if any(len(part.encode()) > 255 for part in value.replace("\\", "/").split("/")):
+        raise InputError(node, input_name, "a part of the name is longer than 255 bytes.", "use a shorter name.")
+    return value
+
+
 def resolve_dir(name: str, sub: str, node: str, input_name: str) -> str:
     """Absolute path of a folder-type model, refusing anything outside the registered folders."""
+    check_name(sub, node, input_name)
     for base in folder_dirs(name):
         # Containment is checked on the normalised name, not the resolved one: a folder the
         # user symlinked into models/ is theirs to use, a '..' escaping it is not.
@@ -78,6 +88,7 @@ def resolve_dir(name: str, sub: str, node: str, input_name: str) -> str:
 
 def resolve_file(name: str, filename: str, node: str, input_name: str) -> str:
     """Absolute path of a model file; folder_paths already refuses paths that escape the folder."""
+    check_name(filename, node, input_name)
     path = folder_paths.get_full_path(name, filename)
     if path is None:
         raise InputError(node, input_name, f"'{filename}' is not in models/{name}.",
@@ -90,6 +101,7 @@ def resolve_file(name: str, filename: str, node: str, input_name: str) -> str:
 
 def save_path(name: str, filename: str, node: str, input_name: str) -> str:
     """Target path for a new model file inside the first registered folder of ``name``."""
+    check_name(filename, node, input_name)
     base = os.path.abspath(folder_dirs(name)[0])
     if not filename.endswith(".safetensors"):
         filename += ".safetensors"

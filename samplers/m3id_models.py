@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..errors import CompartmentsError
+from ..safetensors_header import HeaderError, check_file, read_header
 
 # family -> (auto class name used for loading, needs a chat template)
 FAMILIES: dict[str, str] = {
@@ -70,9 +71,12 @@ def read_config(folder: str | os.PathLike) -> dict:
     if not path.is_file():
         raise VLMFolderError(f"'{folder}' has no config.json: it is not a transformers model folder.")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise VLMFolderError(f"'{folder}/config.json' is not valid JSON ({exc}).") from exc
+    if not isinstance(cfg, dict):
+        raise VLMFolderError(f"'{folder}/config.json' is not a JSON object: it is not a transformers config.")
+    return cfg
 
 
 def detect_family(folder: str | os.PathLike) -> str:
@@ -111,16 +115,53 @@ class VLM:
         return self.processor.tokenizer
 
 
+def _check_size(folder: str | os.PathLike, cls: Any, transformers: Any) -> None:
+    """Refuse a folder whose config describes a far bigger model than its weights hold.
+
+    ``from_pretrained`` allocates every parameter the config asks for and initialises the ones
+    the files lack, so a config.json of a 7B model beside a few kilobytes of weights would take
+    tens of GB. The model is built on the meta device (no memory) to count what the config needs.
+    """
+    present = 0
+    for weights in Path(folder).glob("*.safetensors"):
+        with open(weights, "rb") as f:
+            present += sum(end - start for _, _, start, end in read_header(f, weights)[1].values())
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        with torch.device("meta"):
+            skeleton = cls(config)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise VLMFolderError(f"'{folder}': its config.json does not describe a model transformers can build "
+                             f"({type(exc).__name__}: {str(exc)[:300]}).") from None
+    needed = sum(p.numel() * p.element_size() for p in skeleton.parameters())
+    del skeleton
+    if needed > 2 * present + (64 << 20):
+        raise VLMFolderError(f"'{folder}': config.json describes a model of {needed / 2**30:.2f} GiB but the "
+                             f"weights hold {present / 2**30:.2f} GiB: the weights are incomplete or belong to "
+                             "another model. Download the whole model folder again.")
+
+
 def load_vlm(folder: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> VLM:
     """Load ``folder`` with ``from_pretrained(local_files_only=True)`` (never downloads)."""
     family = detect_family(folder)
+    for weights in sorted(Path(folder).glob("*.safetensors")):
+        try:  # a lying header is refused before transformers allocates anything
+            check_file(weights)
+        except (HeaderError, OSError) as exc:
+            raise VLMFolderError(f"'{folder}': {exc}") from None
     ensure_transformers_importable()
     import transformers
 
     cls = getattr(transformers, FAMILIES[family])
-    model = cls.from_pretrained(str(folder), local_files_only=True, dtype=dtype, use_safetensors=True)
-    model.to(device).eval()
-    processor = transformers.AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+    _check_size(folder, cls, transformers)
+    try:
+        model = cls.from_pretrained(str(folder), local_files_only=True, dtype=dtype, use_safetensors=True)
+        model.to(device).eval()
+        processor = transformers.AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise VLMFolderError(f"'{folder}': transformers cannot load it as a {family} model "
+                             f"({type(exc).__name__}: {str(exc)[:300]}). Is the folder complete (config, weights, "
+                             "tokenizer and processor files from the same model)?") from None
     gen = model.generation_config
     eos = gen.eos_token_id if gen.eos_token_id is not None else processor.tokenizer.eos_token_id
     eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]

@@ -172,3 +172,17 @@ def test_room_errors_become_node_errors_and_bugs_say_so(comfy, tmp_path):
                       components="unet", dtype="same", keep_sum=True)
     finally:
         mm.interrupt_current_processing(False)
+
+
+@pytest.mark.parametrize("bad", ["a\0b", "x" * 300], ids=["NUL", "over-long"])
+def test_names_with_nul_or_over_long_parts_are_input_errors(comfy, bad):
+    from compartments.nodes._host import InputError
+
+    cases = [("CompartmentsSoupLoad", {"soup_name": bad}, "soup_name"),
+             ("CompartmentsM3IDLoadVLM", {"model_folder": bad, "dtype": "auto"}, "model_folder"),
+             ("CompartmentsLoadTemporalLayers", {"temporal_layers": bad}, "temporal_layers"),
+             ("CompartmentsRetrievalBuildStore", {"store_name": bad, "folder": "x", "weights": "w.safetensors"},
+              "store_name")]
+    for node, inputs, name in cases:
+        with pytest.raises(InputError, match=f"input '{name}'"):
+            comfy.run(node, **inputs)

@@ -150,3 +150,39 @@ def test_corrupt_store_database_is_a_store_error(tmp_path, damage):
         ImageStore(root)
     assert "store" in str(err.value) and err.value.fix
     assert db.read_bytes() == before
+
+
+VLM_CONFIG = {"model_type": "llava", "vision_config": {"model_type": "clip_vision_model"},
+              "text_config": {"model_type": "llama"}}
+VLM_CASES: dict[str, dict[str, bytes]] = {
+    "empty folder": {},
+    "config not json": {"config.json": b"{nope"},
+    "config a list": {"config.json": b"[1, 2]"},
+    "config binary": {"config.json": b"\xff\xfe\x00"},
+    "text-only model": {"config.json": json.dumps({"model_type": "llama"}).encode()},
+    "unsupported family": {"config.json": json.dumps({"model_type": "blip", "vision_config": {}}).encode()},
+    "pickle weights only": {"config.json": json.dumps(VLM_CONFIG).encode(), "pytorch_model.bin": b"\x80\x04"},
+    "lying safetensors": {"config.json": json.dumps(VLM_CONFIG).encode(),
+                          "model.safetensors": CORPUS["lying 3 GiB tensor (147-byte file)"]},
+    "weights of another model": {"config.json": json.dumps(VLM_CONFIG).encode(),
+                                 "model.safetensors": b""},
+}
+
+
+@pytest.mark.parametrize("case", sorted(VLM_CASES))
+def test_malformed_vlm_folders_get_a_clear_error(tmp_path, case):
+    from compartments.samplers.m3id_models import VLMFolderError, load_vlm
+
+    folder = tmp_path / "vlm"
+    folder.mkdir()
+    for name, data in VLM_CASES[case].items():
+        (folder / name).write_bytes(data)
+    if case == "weights of another model":
+        save_file({"unrelated.weight": torch.zeros(2, 2)}, str(folder / "model.safetensors"))
+
+    def load() -> None:
+        with pytest.raises(VLMFolderError) as err:
+            load_vlm(folder)
+        assert "vlm" in str(err.value), str(err.value)
+
+    _bounded(load, limit=256 * 1024 * 1024)
