@@ -682,6 +682,11 @@ class ImageStore:
                 heapq.heappush(self._free, x)
             for it in items:
                 (self.path / it.file).unlink(missing_ok=True)
+            # copies of the same images in what killed processes left: their in-flight copies in
+            # images/, and first builds abandoned beside this store (see build_or_update)
+            sweep_stale(self.path / IMAGE_DIR, ".tmp")
+            for suffix in (".building", ".creating"):
+                sweep_stale(self.path.parent, suffix)
         return items
 
     def set_visibility(self, refs: Iterable[int | str], visibility: str) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -447,3 +448,19 @@ def test_a_folder_of_huge_images_is_embedded_in_bounded_memory(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     peak_gb = int(res.stdout.split()[-1]) / 1024 ** 2
     assert peak_gb < 1.6, f"peak RSS {peak_gb:.2f} GB for six huge images"
+
+
+def test_forget_also_removes_copies_that_killed_processes_left(store):
+    """A first build killed mid-way beside the store, or an add killed between its copy and its
+    commit, left copies of images: forgetting an image removes those too."""
+    target = store.list()[0]
+    data = (store.path / target.file).read_bytes()
+    abandoned = store.path.parent / ".other.99999999.building" / "images"
+    abandoned.mkdir(parents=True)
+    (abandoned / Path(target.file).name).write_bytes(data)
+    in_flight = store.path / "images" / f".{Path(target.file).name}.99999999.tmp"
+    in_flight.write_bytes(data)
+    store.forget([target.id])
+    assert not abandoned.parent.exists() and not in_flight.exists()
+    leftovers = [p for p in store.path.parent.rglob("*") if p.is_file() and p.read_bytes() == data]
+    assert not leftovers, leftovers
