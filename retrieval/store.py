@@ -789,8 +789,26 @@ class ImageStore:
         """The ``k`` items most similar to the query among those with the given visibility.
 
         Private items are returned only to their ``owner`` (default: the store's owner, see
-        :meth:`default_owner`); public items to everyone.
+        :meth:`default_owner`); public items to everyone. The rows, the index and the items
+        returned come from one read snapshot, so a forget committed by another process meanwhile
+        can neither be returned nor break the query.
         """
+        if self.db.in_transaction:
+            self._sync()
+            return self._query(text, image, k, visibility, owner)
+        for _ in range(20):
+            self._sync()  # under its own write lock: the index catches up with the rows
+            self.db.execute("BEGIN")  # deferred: a shared read lock from the first SELECT to the end
+            try:
+                if self.generation == self._gen:  # nothing was committed since: index and rows agree
+                    return self._query(text, image, k, visibility, owner)
+            finally:
+                self.db.execute("COMMIT")  # read-only: ends the snapshot
+        raise StoreError("the store kept changing while it was queried (other processes writing).",
+                         "retry the query.", "store")
+
+    def _query(self, text: str | None, image: torch.Tensor | None, k: int, visibility: str,
+               owner: str | None) -> list[Hit]:
         where, args = self._scope(visibility, owner)
         if k < 1:
             raise StoreError(f"k={k}: ask for at least one image.", "set k >= 1.", "k")
@@ -807,7 +825,6 @@ class ImageStore:
             raise StoreError(f"k={k} but only {len(visible)} {'' if visibility == 'all' else visibility + ' '}images"
                              f"{whose} are in the store.", f"set k <= {len(visible)}.", "k")
         q = self.query_vector(text, image)
-        self._sync()
         scores, ids = self.index.search(q, k, visible)
         keep = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
         items = {it.id: it for it in self.get([i for i, _ in keep])}
