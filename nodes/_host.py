@@ -135,7 +135,9 @@ def check_numbers(cls: Any, **values: Any) -> None:
     API-format prompt may carry ``Infinity``; a NaN cfg or alpha gives a black image, a NaN
     weight a broken model. The bounds are the ones the schema declares.
     """
-    schema = cls.GET_SCHEMA()
+    # define_schema, not GET_SCHEMA: inside execute, ``cls`` is the executor's locked per-run clone,
+    # on which GET_SCHEMA's caching of SCHEMA raises
+    schema = cls.define_schema()
     floats = {i.id: i for i in schema.inputs if getattr(i, "get_io_type", lambda: "")() == "FLOAT"}
     for name, value in values.items():
         spec = floats.get(name)

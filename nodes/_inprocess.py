@@ -73,11 +73,12 @@ class InProcessComfy:
         from comfy_api.latest import io
 
         if isinstance(cls, type) and issubclass(cls, io.ComfyNode):
-            if hidden:
-                # The executor hands V3 nodes their hidden inputs on a per-run class; a
-                # subclass carrying an io.HiddenHolder is that, through public names only.
-                holder = io.HiddenHolder.from_dict({io.Hidden(k.upper()): v for k, v in hidden.items()})
-                cls = type(cls.__name__, (cls,), {"hidden": holder})
+            # The executor runs a V3 node on a per-run clone of its class that carries the hidden
+            # inputs and refuses attribute writes; a subclass made with a locking metaclass is that,
+            # through public names only (a node that writes to ``cls`` fails here as in ComfyUI).
+            holder = io.HiddenHolder.from_dict({io.Hidden(k.upper()): v for k, v in (hidden or {}).items()})
+            cls.GET_SCHEMA()  # what the executor has done before (the schema is cached on the class)
+            cls = _locked(cls)(f"{cls.__name__}Clone", (cls,), {"hidden": holder})
             out = _await(cls.execute(**inputs))
             if isinstance(out, io.NodeOutput):
                 return tuple(out.result or ()), out.ui
@@ -94,6 +95,16 @@ class InProcessComfy:
         if isinstance(out, dict):
             return tuple(out.get("result", ())), out.get("ui")
         return tuple(out or ()), None
+
+
+def _locked(cls: type) -> type:
+    """A metaclass deriving from ``cls``'s that refuses class attribute writes after creation."""
+
+    class Locked(type(cls)):
+        def __setattr__(self, name: str, value: Any) -> None:
+            raise AttributeError(f"Cannot modify class attribute '{name}' on locked class '{self.__name__}'")
+
+    return Locked
 
 
 def _await(value: Any) -> Any:
