@@ -6,6 +6,7 @@ figures isolate the index. One JSON line per figure:
     python benchmarks/retrieval.py                         # 10k and 100k, dim 512
     python benchmarks/retrieval.py --quick                 # 10k only, fewer queries
     python benchmarks/retrieval.py --dim 768 --threads 2
+    python benchmarks/retrieval.py --huge-images 6         # peak RSS of a build from 6000x6000 PNGs
 
 Backends: ``faiss`` = the store's FaissIndex (IndexIDMap over IndexFlatIP, exact), ``numpy``
 = NumpyIndex (a matmul + argpartition, the brute-force reference). Forget and open are
@@ -125,6 +126,45 @@ def store_figures(n: int, dim: int, threads: int, common: dict) -> None:
         store.close()
 
 
+_HUGE_CHILD = """
+import resource, sys, time
+from compartments.retrieval.embed import Embedder
+from compartments.retrieval.store import build_or_update
+t = time.perf_counter()
+s, rep, _ = build_or_update(sys.argv[1], Embedder(sys.argv[2]), sys.argv[3], owner="bench")
+print(len(rep.added), time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def huge_image_figures(count: int, side: int = 6000) -> None:
+    """Peak RSS of a fresh process building a store from ``count`` PNGs of ``side`` x ``side``
+    (decoded for embedding one batch at a time, at most EMBED_SIDE on a side)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from compartments.retrieval.store import EMBED_BATCH, EMBED_SIDE
+    from compartments.tiny import retrieval as tiny_retrieval
+
+    work = Path(tempfile.mkdtemp(prefix="compartments-bench-huge-"))
+    try:
+        (work / "in").mkdir()
+        for i in range(count):
+            Image.new("RGB", (side, side), (40 * i % 256, 255 - 30 * i % 256, 90)).save(work / "in" / f"big{i}.png")
+        out = subprocess.run([sys.executable, "-c", _HUGE_CHILD, str(work / "store"),
+                              str(tiny_retrieval.clip_weights()), str(work / "in")],
+                             capture_output=True, text=True, check=True).stdout.split()
+        added, seconds, rss_kb = int(out[0]), float(out[1]), int(out[2])
+        params = {"images": count, "size": f"{side}x{side}", "added": added, "embed_side": EMBED_SIDE,
+                  "batch": EMBED_BATCH, "model": "tiny open_clip", "machine": platform.machine()}
+        _emit("build_peak_rss_huge_images", rss_kb / 1024 ** 2, "GB", **params)
+        _emit("build_seconds_huge_images", seconds, "s", **params)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="10k vectors only, 50 queries")
@@ -133,7 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queries", type=int, default=None)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ap.add_argument("--huge-images", type=int, default=0, metavar="N",
+                    help="only: peak RSS of a build from N 6000x6000 PNGs")
     args = ap.parse_args(argv)
+    if args.huge_images:
+        huge_image_figures(args.huge_images)
+        return 0
     import faiss
 
     faiss.omp_set_num_threads(args.threads)
