@@ -1,7 +1,8 @@
 """Time per sampling step of the CPR guiders vs a plain CFGGuider evaluating the same conds.
 
-Loads the tiny SD1.5 checkpoint in a real in-process ComfyUI (``COMFYUI_PATH`` or ~/ComfyUI, --cpu
-unless ``--gpu``), and times ``guider.sample`` with core's Euler sampler. The reference is core
+Loads the tiny SD1.5 checkpoint in a real in-process ComfyUI (the one the pack is installed in,
+``COMFYUI_PATH``, ~/ComfyUI, else the newest release under ../shared/comfyui; --cpu unless
+``--gpu``), and times ``guider.sample`` with core's Euler sampler. The reference is core
 ``CFGGuider`` whose positive is public+private combined (ComfyUI evaluates every entry of a
 conditioning list as its own cond), so both run the same 3 conds x batch rows per step in one
 model call; CPR-Choose with the Laplacian probe doubles the rows and is compared with CFGGuider
