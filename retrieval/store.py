@@ -298,6 +298,8 @@ class ImageStore:
         except BaseException:
             self.close()
             raise
+        for suffix in (".building", ".creating"):  # first builds killed beside this store: copies of images
+            sweep_stale(self.path.parent, suffix)
 
     # -- creation and opening ---------------------------------------------------------------
     @classmethod

@@ -464,3 +464,15 @@ def test_forget_also_removes_copies_that_killed_processes_left(store):
     assert not abandoned.parent.exists() and not in_flight.exists()
     leftovers = [p for p in store.path.parent.rglob("*") if p.is_file() and p.read_bytes() == data]
     assert not leftovers, leftovers
+
+
+def test_opening_a_store_removes_first_builds_killed_beside_it(store, embedder):
+    dead = store.path.parent / ".half.99999999.building" / "images"
+    dead.mkdir(parents=True)
+    (dead / "copy.png").write_bytes(b"pixels of a private image")
+    live = store.path.parent / f".mine.{__import__('os').getpid()}.building"
+    live.mkdir()
+    store.close()
+    ImageStore(store.path, embedder).close()
+    assert not dead.parent.exists() and live.exists()
+    live.rmdir()
