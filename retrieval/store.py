@@ -136,6 +136,12 @@ EMBED_SIDE = 1024
 EMBED_BATCH = 16
 
 
+def _unreadable(exc: Exception) -> str:
+    """The skip reason for image bytes PIL cannot decode."""
+    why = "unrecognised format" if type(exc).__name__ == "UnidentifiedImageError" else str(exc)
+    return f"not a readable image: {why}"
+
+
 def probe_image(data: bytes) -> tuple[str, int, int]:
     """(PIL format, width, height) of image bytes, without decoding the pixels. Raises on
     corrupt/truncated/non-image data (``verify()`` catches truncation even when another part of
@@ -298,8 +304,7 @@ class ImageStore:
         except BaseException:
             self.close()
             raise
-        for suffix in (".building", ".creating"):  # first builds killed beside this store: copies of images
-            sweep_stale(self.path.parent, suffix)
+        sweep_abandoned_builds(self.path.parent)
 
     # -- creation and opening ---------------------------------------------------------------
     @classmethod
@@ -525,18 +530,16 @@ class ImageStore:
                 continue
             try:
                 fmt, width, height = probe_image(data)
-                decode_image(data, max_side=64)  # a full decode catches what verify() does not
             except Exception as exc:  # PIL raises many types for bad data; each is a skip, not a crash
-                why = "unrecognised format" if type(exc).__name__ == "UnidentifiedImageError" else str(exc)
-                report.skipped.append((str(f), f"not a readable image: {why}"))
+                report.skipped.append((str(f), _unreadable(exc)))
                 continue
             known.add(sha)
             ext = {"JPEG": "jpg"}.get(fmt, fmt.lower())
             staged.append({"sha": sha, "path": str(f), "data": data, "width": width, "height": height,
                            "file": f"{IMAGE_DIR}/{sha}.{ext}"})
+        staged, vecs = self._embed_staged(staged, progress, report)
         if not staged:
             return report
-        vecs = self._embed_staged(staged, progress)
         written: list[Path] = []
         # From the first copy to the commit naming it, hold the store's writer lock: another
         # process opening the store then leaves the copies alone (its clean-up waits for a
@@ -556,16 +559,30 @@ class ImageStore:
         report.added = new_ids
         return report
 
-    def _embed_staged(self, staged: list[dict], progress: Progress | None) -> np.ndarray:
-        """Decode (at most EMBED_SIDE on a side) and embed one batch at a time: bounded memory."""
+    def _embed_staged(self, staged: list[dict], progress: Progress | None,
+                      report: AddReport) -> tuple[list[dict], np.ndarray]:
+        """Decode (at most EMBED_SIDE on a side) and embed one batch at a time: bounded memory.
+
+        This is each image's only full decode: one that fails here (damage ``verify()`` cannot
+        see) is skipped and reported like any unreadable file. Returns the kept items and vectors.
+        """
+        kept: list[dict] = []
         out, total = [], len(staged)
         for start in range(0, total, EMBED_BATCH):
-            batch = [decode_image(s["data"], EMBED_SIDE)[0] for s in staged[start:start + EMBED_BATCH]]
-            out.append(self.embedder.embed_images(batch, batch_size=EMBED_BATCH))
-            del batch
+            batch, pixels = [], []
+            for s in staged[start:start + EMBED_BATCH]:
+                try:
+                    pixels.append(decode_image(s["data"], EMBED_SIDE)[0])
+                    batch.append(s)
+                except Exception as exc:  # as in add_files: every decoding failure is a skip
+                    report.skipped.append((s["path"], _unreadable(exc)))
+            if pixels:
+                out.append(self.embedder.embed_images(pixels, batch_size=EMBED_BATCH))
+                kept += batch
+            del pixels
             if progress is not None:
                 progress(min(start + EMBED_BATCH, total), total)
-        return np.concatenate(out)
+        return kept, (np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32))
 
     def _insert(self, staged: list[dict], vecs: np.ndarray, owner: str, visibility: str) -> list[int]:
         """One transaction: vectors into free slots (fsynced), then the rows naming them, commit."""
@@ -687,8 +704,7 @@ class ImageStore:
             # copies of the same images in what killed processes left: their in-flight copies in
             # images/, and first builds abandoned beside this store (see build_or_update)
             sweep_stale(self.path / IMAGE_DIR, ".tmp")
-            for suffix in (".building", ".creating"):
-                sweep_stale(self.path.parent, suffix)
+            sweep_abandoned_builds(self.path.parent)
         return items
 
     def set_visibility(self, refs: Iterable[int | str], visibility: str) -> list[int]:
@@ -752,10 +768,8 @@ class ImageStore:
 
     def _scope(self, visibility: str, owner: str | None) -> tuple[str, list]:
         """SQL filter for a query: public items are shared; private ones only for ``owner``."""
-        if visibility not in FILTERS:
-            raise StoreError(f"visibility filter '{visibility}' is not one of {FILTERS}.", "", "visibility")
-        if visibility == "public":
-            return "WHERE visibility='public'", []
+        if visibility == "public" or visibility not in FILTERS:
+            return self._filter(visibility)  # the public filter, or the error naming the bad one
         who = owner if owner else self.default_owner()
         if who is None:
             owners = sorted(r[0] for r in self.db.execute("SELECT DISTINCT owner FROM items WHERE visibility='private'"))
@@ -904,6 +918,13 @@ def parse_refs(text: str) -> list[int | str]:
 LOCK_NAME = "write.lock"
 
 
+def sweep_abandoned_builds(folder: Path) -> None:
+    """Remove the ``.NAME.PID.building`` / ``.creating`` folders (copies of images) that first
+    builds and creations killed mid-way left in ``folder``; a live process's are kept."""
+    for suffix in (".building", ".creating"):
+        sweep_stale(folder, suffix)
+
+
 @contextmanager
 def _writer_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
     """A cross-process lock on ``<store>/write.lock`` (flock; released if the process dies).
@@ -947,10 +968,7 @@ def build_or_update(path: str | Path, embedder: Embedder, folder: str | Path, ow
     the add succeeded, so a failed or cancelled first build leaves no store behind.
     """
     path = Path(path)
-    if path.parent.is_dir():
-        for suffix in (".building", ".creating"):
-            sweep_stale(path.parent, suffix)
-    if (path / DB_NAME).is_file():
+    if (path / DB_NAME).is_file():  # opening it sweeps what killed first builds left beside it
         store = ImageStore(path, embedder)
         try:
             return store, store.add_folder(folder, owner=owner, visibility=visibility, progress=progress), False
@@ -959,8 +977,7 @@ def build_or_update(path: str | Path, embedder: Embedder, folder: str | Path, ow
             raise
     if path.exists():
         raise StoreError(f"'{path}' exists and is not an image store.", "pick another store name.", "store")
-    for suffix in (".building", ".creating"):  # first builds killed mid-way (copies of their images)
-        sweep_stale(path.parent, suffix)
+    sweep_abandoned_builds(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.building")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
