@@ -67,29 +67,25 @@ def _guarded(cls: type) -> type:
     original = cls.__dict__["execute"].__func__
     node = cls.GET_SCHEMA().display_name
 
-    def handle(exc: Exception) -> Exception:
+    def reraise(exc: Exception) -> None:
         if isinstance(exc, CompartmentsError):
-            return translated(node, exc)
-        return exc if _passes_through(exc) else internal_error(node, exc)
+            raise translated(node, exc) from exc
+        if _passes_through(exc):
+            raise exc
+        raise internal_error(node, exc) from exc
 
     if inspect.iscoroutinefunction(original):
         async def execute(klass, *args, **kwargs):
             try:
                 return await original(klass, *args, **kwargs)
             except Exception as exc:
-                new = handle(exc)
-                if new is exc:
-                    raise
-                raise new from exc
+                reraise(exc)
     else:
         def execute(klass, *args, **kwargs):
             try:
                 return original(klass, *args, **kwargs)
             except Exception as exc:
-                new = handle(exc)
-                if new is exc:
-                    raise
-                raise new from exc
+                reraise(exc)
 
     cls.execute = classmethod(functools.wraps(original)(execute))
     cls._compartments_guarded = True

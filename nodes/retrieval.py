@@ -60,9 +60,7 @@ class StoreHandle:
 
 # -- helpers ------------------------------------------------------------------------------
 def _input_error(node: str, exc: StoreError | EmbedderError, default_input: str = "store") -> _host.InputError:
-    if isinstance(exc, StoreError):
-        return _host.InputError(node, exc.field or default_input, exc.problem, exc.fix)
-    return _host.InputError(node, "weights", str(exc))
+    return _host.translated(node, exc, "weights" if isinstance(exc, EmbedderError) else default_input)
 
 
 def _weights_options() -> list[str]:

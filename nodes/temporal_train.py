@@ -255,7 +255,7 @@ class TrainTemporalLayers(io.ComfyNode):
         try:
             check_layers_path(save_to)
         except TrainError as exc:
-            raise _host.InputError(NODE, "save_name", str(exc)) from exc
+            raise _host.translated(NODE, exc, "save_name") from exc
         if resume and not os.path.exists(save_to):
             raise _host.InputError(NODE, "resume", f"nothing to resume: '{save_name}' is not in models/{FOLDER}.",
                                    "turn resume off for the first run.")
