@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
-from compartments.samplers.m3id import CaptionResult, M3IDSettings, caption_images
-from compartments.samplers.m3id_models import load_vlm
+from compartments.samplers.m3id import CaptionResult, M3IDSettings
+from compartments.vlm.caption import caption_images
+from compartments.vlm.models import load_vlm
 
 # the usual CHAIR synonyms for COCO categories (subset of the original list; extend freely)
 SYNONYMS: dict[str, list[str]] = {

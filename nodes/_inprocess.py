@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..client import comfyui_version
+from ..cli.client import comfyui_version
 
 BASE_FOLDERS = ("models", "input", "output", "temp", "user", "custom_nodes")
 
@@ -178,7 +178,7 @@ def default_checkout() -> Path | None:
     """The ComfyUI a benchmark imports when none is named: :func:`client.find_comfyui` (the one the
     pack is installed in, ``COMFYUI_PATH``, ``~/ComfyUI``), else the newest release under
     ``../shared/comfyui`` beside the pack (used in place: the base directory takes every write)."""
-    from ..client import find_comfyui, version_tuple
+    from ..cli.client import find_comfyui, version_tuple
 
     found = find_comfyui()
     if found is not None:

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..samplers.m3id import CaptionResult, M3IDSettings, caption_images
-from ..samplers.m3id_models import VLM, VLMFolderError, detect_family, load_vlm
-from ..samplers.m3id_plot import pdm_json, pdm_plot
+from ..samplers.m3id import CaptionResult, M3IDSettings
+from ..vlm.caption import caption_images
+from ..vlm.models import VLM, VLMFolderError, detect_family, load_vlm
+from ..vlm.report import pdm_json, pdm_plot
 from . import _host
 
 VLM_FOLDER = "vlm"

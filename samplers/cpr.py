@@ -38,7 +38,7 @@ estimate starts at ``r = 0`` at the first evaluated point (at ``sigma_max`` both
 laws are nearly the same wide Gaussian) and accumulates trapezoid steps between successive
 evaluations: ``r += <mean g, dx> + mean(h) * dsigma`` with ``g = s_pub - s_priv`` and
 ``h = sigma * (|s_pub|^2 - |s_priv|^2)``. Any order of evaluations works (Heun's corrector,
-ancestral noise injections): the integral is path independent. ``samplers/cpr_toy.py``
+ancestral noise injections): the integral is path independent. ``validation/cpr_toy.py``
 measures how well it tracks the exact ratio.
 """
 

@@ -36,7 +36,7 @@ HOST_VENVS = ROOT / ".venv-comfyui"
 STATUS = "compartments-host.json"
 
 # Run with .venv's interpreter, where the pack is installed (editable) as ``compartments``.
-from compartments.client import MIN_COMFYUI, comfyui_version, is_comfyui, is_supported  # noqa: E402
+from compartments.cli.client import MIN_COMFYUI, comfyui_version, is_comfyui, is_supported  # noqa: E402
 
 
 @dataclass

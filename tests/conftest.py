@@ -42,7 +42,7 @@ def pytest_report_header(config):
     path = comfyui_path()
     if path is None:
         return "compartments: ComfyUI for tiers 2-3: none (COMFYUI_PATH unset): tiers 2-3 will be skipped"
-    from compartments.client import comfyui_version
+    from compartments.cli.client import comfyui_version
 
     return f"compartments: ComfyUI {comfyui_version(path)} for tiers 2-3 at {path}"
 
@@ -109,7 +109,7 @@ def sd15(comfy):
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
     path = _require_comfyui()
-    from compartments.client import ComfyServer
+    from compartments.cli.client import ComfyServer
     from compartments.tiny import prepare_all
 
     base = tmp_path_factory.mktemp("comfy_server")

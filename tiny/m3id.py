@@ -254,7 +254,7 @@ def vlm(family: str = "llava", seed: int = 0) -> Path:
     """Path of a cached tiny model folder of ``family`` (built on first use, a few seconds)."""
     if family not in _BUILDERS:
         raise ValueError(f"unknown tiny family {family!r}; choose from {sorted(_BUILDERS)}")
-    from ..samplers.m3id_models import ensure_transformers_importable
+    from ..vlm.models import ensure_transformers_importable
 
     ensure_transformers_importable()
     import transformers

@@ -53,8 +53,8 @@ def test_harness_runs_the_release_under_test(comfy):
     """The in-process ComfyUI is the checkout COMFYUI_PATH names, a release the pack supports."""
     import comfyui_version  # ComfyUI's own module, on sys.path from the checkout
 
-    from compartments.client import comfyui_version as read_version
-    from compartments.client import is_supported
+    from compartments.cli.client import comfyui_version as read_version
+    from compartments.cli.client import is_supported
 
     assert comfy.version == read_version(comfy.path) == comfyui_version.__version__
     assert is_supported(comfy.version)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from compartments.client import ComfyClient, ComfyError
+from compartments.cli.client import ComfyClient, ComfyError
+from compartments.cli.workflow_ui import api_to_ui, ui_to_api_links
 from compartments.nodes import NEEDS_NEWER_V3
-from compartments.workflow_ui import api_to_ui, ui_to_api_links
 
 ROOT = Path(__file__).resolve().parents[2]
 API_WORKFLOWS = sorted((ROOT / "workflows" / "api").glob("*.json"))

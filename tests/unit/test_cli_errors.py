@@ -42,7 +42,7 @@ def test_weights_out_of_range_are_one_line(tmp_path):
 
 def test_a_bug_is_reported_as_one_with_its_traceback(tmp_path, monkeypatch, capsys):
     """Fault injection: the soup engine raising an unexpected exception."""
-    import compartments.soup.cli as soup_cli
+    import compartments.cli.soup as soup_cli
 
     def broken(*args, **kwargs):
         raise KeyError("boom")

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from compartments.cli import save_outputs
-from compartments.client import ComfyClient, ComfyError, safe_name
+from compartments.cli.client import ComfyClient, ComfyError, safe_name
 
 
 @pytest.fixture()

@@ -1,7 +1,7 @@
 """CPR on exact-answer toys (2-D Gaussians / mixtures with closed-form denoisers).
 
 Tolerances are the ones stated in README.md, section "CPR"; the full-size figures come from
-``python -m compartments.samplers.cpr_toy``. Sizes here are cut to keep the tier CPU-cheap.
+``python -m compartments validate cpr``. Sizes here are cut to keep the tier CPU-cheap.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compartments.samplers import cpr_toy as toy
+from compartments.validation import cpr_toy as toy
 
 N, STEPS = 6000, 60
 

@@ -171,7 +171,7 @@ VLM_CASES: dict[str, dict[str, bytes]] = {
 
 @pytest.mark.parametrize("case", sorted(VLM_CASES))
 def test_malformed_vlm_folders_get_a_clear_error(tmp_path, case):
-    from compartments.samplers.m3id_models import VLMFolderError, load_vlm
+    from compartments.vlm.models import VLMFolderError, load_vlm
 
     folder = tmp_path / "vlm"
     folder.mkdir()

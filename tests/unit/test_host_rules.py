@@ -16,7 +16,7 @@ from pathlib import Path
 
 import tomllib
 
-from compartments.client import MIN_COMFYUI, comfyui_version, find_comfyui, is_supported, version_tuple
+from compartments.cli.client import MIN_COMFYUI, comfyui_version, find_comfyui, is_supported, version_tuple
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted(p for d in ("", "nodes", "soup", "samplers", "retrieval", "temporal", "tiny", "tests",
@@ -134,7 +134,7 @@ def _checkout(root: Path, version: str = "0.8.0") -> Path:
 
 def test_find_comfyui_order(tmp_path, monkeypatch):
     """--comfyui, then the ComfyUI the pack is installed in, then COMFYUI_PATH, then ~/ComfyUI."""
-    import compartments.client as client
+    import compartments.cli.client as client
 
     monkeypatch.delenv("COMFYUI_PATH", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -146,7 +146,7 @@ def test_find_comfyui_order(tmp_path, monkeypatch):
     assert find_comfyui() == (env.resolve(), "COMFYUI_PATH")
     installed = _checkout(tmp_path / "installed")
     (installed / "custom_nodes" / "compartments").mkdir(parents=True)
-    monkeypatch.setattr(client, "__file__", str(installed / "custom_nodes" / "compartments" / "client.py"))
+    monkeypatch.setattr(client, "PACK", installed / "custom_nodes" / "compartments")
     assert find_comfyui() == (installed.resolve(), "the ComfyUI this pack is installed in")
     explicit = _checkout(tmp_path / "explicit")
     assert find_comfyui(str(explicit)) == (explicit.resolve(), "--comfyui")
@@ -156,7 +156,7 @@ def test_find_comfyui_order(tmp_path, monkeypatch):
 def test_find_comfyui_names_a_bad_path(tmp_path, monkeypatch):
     import pytest
 
-    from compartments.client import ComfyError
+    from compartments.cli.client import ComfyError
 
     monkeypatch.setenv("COMFYUI_PATH", str(tmp_path / "nope"))
     with pytest.raises(ComfyError, match=r"COMFYUI_PATH=.*nope is not a ComfyUI checkout"):
@@ -181,7 +181,7 @@ def test_harness_imports_before_comfyui():
 def test_ui_format_lays_out_autogrow_slots_as_the_editor_does():
     """An Autogrow input becomes slots ``<id>.<prefix><i>``: the first ``min``, every connected one,
     and one empty slot after the last (what frontend 1.35 shows and saves)."""
-    from compartments.workflow_ui import api_to_ui, ui_to_api_links
+    from compartments.cli.workflow_ui import api_to_ui, ui_to_api_links
 
     grow = ["COMFY_AUTOGROW_V3", {"template": {"input": {"required": {"model": ["MODEL", {}]}}, "prefix": "model",
                                                 "min": 2, "max": 16}}]

@@ -8,7 +8,7 @@ import pytest
 
 from compartments.benchmarks import m3id as bench
 from compartments.samplers.m3id import CaptionResult
-from compartments.samplers.m3id_plot import pdm_json, pdm_plot
+from compartments.vlm.report import pdm_json, pdm_plot
 
 CATS = [{"id": 1, "name": "person"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "hot dog"},
         {"id": 4, "name": "couch"}, {"id": 5, "name": "car"}]

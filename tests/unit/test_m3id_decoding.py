@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from compartments.samplers import m3id as M
-from compartments.samplers import m3id_models as mm
 from compartments.tiny import m3id as tiny
+from compartments.vlm import models as mm
 
 FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma"]
 PROMPT = "Describe this image."

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from compartments.samplers import m3id as M
-from compartments.samplers import m3id_models as mm
 from compartments.tiny import m3id as tiny
+from compartments.vlm import models as mm
+from compartments.vlm.caption import caption_images
 
 
 def test_weight_schedule_and_cap():
@@ -61,20 +62,20 @@ def test_batch_driver_keeps_good_captions_when_one_fails():
     vlm = mm.load_vlm(tiny.vlm("llava"))
     good = [tiny.image(3), tiny.image(4)]
     s = M.M3IDSettings(max_new_tokens=6)
-    ref = M.caption_images(vlm, good, "Describe this image.", s, chunk_size=2)
-    mixed = M.caption_images(vlm, [good[0], "not an image", good[1]], "Describe this image.", s, chunk_size=3)
+    ref = caption_images(vlm, good, "Describe this image.", s, chunk_size=2)
+    mixed = caption_images(vlm, [good[0], "not an image", good[1]], "Describe this image.", s, chunk_size=3)
     assert mixed[1].error and not mixed[0].error and not mixed[2].error
     assert [mixed[0].token_ids, mixed[2].token_ids] == [ref[0].token_ids, ref[1].token_ids]
     assert len(mixed[0].pdm) == len(mixed[0].token_ids)
     with pytest.raises(ValueError, match="prompt is empty"):
-        M.caption_images(vlm, good, "  ", s)
+        caption_images(vlm, good, "  ", s)
 
 
 def test_progress_reaches_total_and_cancel_propagates():
     vlm = mm.load_vlm(tiny.vlm("llava"))
     seen: list[tuple[int, int]] = []
     s = M.M3IDSettings(max_new_tokens=4)
-    M.caption_images(vlm, [tiny.image(5)] * 3, "Describe this image.", s, chunk_size=2,
+    caption_images(vlm, [tiny.image(5)] * 3, "Describe this image.", s, chunk_size=2,
                      progress=lambda d, t: seen.append((d, t)))
     assert seen[-1] == (12, 12) and all(t == 12 for _, t in seen)
 
@@ -86,4 +87,4 @@ def test_progress_reaches_total_and_cancel_propagates():
             raise Cancelled
 
     with pytest.raises(Cancelled):
-        M.caption_images(vlm, [tiny.image(5)] * 2, "Describe this image.", s, progress=cancel, fatal=(Cancelled,))
+        caption_images(vlm, [tiny.image(5)] * 2, "Describe this image.", s, progress=cancel, fatal=(Cancelled,))

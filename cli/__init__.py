@@ -4,8 +4,10 @@
     python -m compartments run WORKFLOW.json --comfyui ~/ComfyUI --out ./outputs
     python -m compartments demo --comfyui ~/ComfyUI
 
-Capabilities add their own subcommands (``soup``, ``train-temporal``...) through a
-``register(subparsers)`` function in ``<room>/cli.py``.
+Each capability's subcommands (``soup``, ``store``, ``train-temporal``, ``validate``...) live in
+``cli/<capability>.py`` and register themselves through ``register(subparsers)``. This package is
+the pack's tooling: the command line, the HTTP client (:mod:`.client`) and the workflow-format
+converter (:mod:`.workflow_ui`); the rooms never import it.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ import time
 import traceback
 from pathlib import Path
 
-from .atomic import write_text
+from ..atomic import write_text
+from ..errors import CompartmentsError
 from .client import ComfyClient, ComfyError, ComfyServer, comfyui_version, find_comfyui, safe_name
-from .errors import CompartmentsError
 
-PACK = Path(__file__).resolve().parent
+PACK = Path(__file__).resolve().parent.parent
 WORKFLOWS = PACK / "workflows"
-ROOM_CLIS = ("soup", "retrieval", "samplers", "temporal")
+COMMANDS = ("soup", "retrieval", "temporal", "validation")
 
 
 def _fail(msg: str, code: int = 2) -> int:
@@ -114,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .tiny import prepare_all
+    from ..tiny import prepare_all
 
     comfyui = None if args.url else str(_which_comfyui(args.comfyui))
     base = Path(tempfile.mkdtemp(prefix="compartments-demo-"))
@@ -195,9 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", default="http://127.0.0.1:8188")
     p.set_defaults(func=cmd_node_list)
 
-    for room in ROOM_CLIS:
-        if (PACK / room / "cli.py").is_file():
-            importlib.import_module(f"{__package__}.{room}.cli").register(sub)
+    for name in COMMANDS:
+        importlib.import_module(f"{__package__}.{name}").register(sub)
     return parser
 
 

@@ -12,7 +12,7 @@ import json
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .m3id import CaptionResult
+from ..samplers.m3id import CaptionResult
 
 
 def pdm_json(results: list[CaptionResult], tokenizer=None, settings: dict | None = None) -> str:

@@ -17,8 +17,16 @@ import json
 import sys
 from pathlib import Path
 
-from .embed import Embedder, EmbedderError
-from .store import FILTERS, VISIBILITIES, ImageStore, StoreError, build_or_update, decode_image, parse_refs
+from ..retrieval.embed import Embedder, EmbedderError
+from ..retrieval.store import (
+    FILTERS,
+    VISIBILITIES,
+    ImageStore,
+    StoreError,
+    build_or_update,
+    decode_image,
+    parse_refs,
+)
 
 
 def _find_weights(store: Path, name: str) -> Path:

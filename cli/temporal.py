@@ -17,9 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..client import ComfyError, find_comfyui
-from .data import FramesError, load_frames
-from .train import TrainConfig, TrainError, check_layers_path, optim_path_for
+from ..temporal.data import FramesError, load_frames
+from ..temporal.train import TrainConfig, TrainError, check_layers_path, optim_path_for
+from .client import ComfyError, find_comfyui
 
 HELP = ("Train Video-LDM temporal layers on a video or image sequence with the image model frozen. "
         "Imports ComfyUI from --comfyui PATH to load the checkpoint, VAE and model sampling "
@@ -122,7 +122,7 @@ def _train(args: argparse.Namespace, root: Path, base: str, frames, config: Trai
         print(f"compartments train-temporal: {exc}", file=sys.stderr)
         return 2
     bar.close()
-    from .train import loss_report
+    from ..temporal.train import loss_report
 
     print(loss_report(result))
     return 0

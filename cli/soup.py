@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .engine import OUT_DTYPES, Shard, SoupError, add_shard, build_soup, read_manifest, remove_shard
+from ..soup.engine import OUT_DTYPES, Shard, SoupError, add_shard, build_soup, read_manifest, remove_shard
 
 
 def _bar(label: str):

@@ -16,21 +16,19 @@ provides the references the samples are judged against:
 * ``grid_stats``: moments of any 2-D density (the geometric mix of mixtures, ``min(p_pub, p_priv)``)
   by quadrature on a fine grid.
 
-``python -m compartments.samplers.cpr_toy [--quick]`` prints one JSON line per figure; the
+``python -m compartments validate cpr [--quick]`` prints one JSON line per figure; the
 tests in ``tests/unit/test_cpr_validation.py`` assert the stated tolerances on the same runs.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .cpr import ChooseState, cpr_choose, cpr_kl, hutchinson_div_diff
+from ..samplers.cpr import ChooseState, cpr_choose, cpr_kl, hutchinson_div_diff
 
 DT = torch.float64
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
@@ -404,17 +402,3 @@ def validate(quick: bool = False) -> list[dict]:
     rows = kl_equal_covariance(n) + kl_unequal_covariance(n) + kl_mixture(n)
     rows += choose_tracking(min(n, 4000)) + choose_min_mass(n) + copy_protection(min(n, 4000))
     return rows
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="CPR exact-answer validation on 2-D Gaussian toys")
-    ap.add_argument("--quick", action="store_true", help="4k samples instead of 20k")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    for row in validate(args.quick):
-        print(json.dumps({"benchmark": "cpr_validation", **row}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -28,6 +28,9 @@ class ComfyError(RuntimeError):
     """A failure reported by (or about) the ComfyUI server, worded for a person."""
 
 
+# The pack folder (this module is in its cli/ package); unresolved, so a custom_nodes/ link is seen.
+PACK = Path(__file__).absolute().parent.parent
+
 # The oldest ComfyUI release the pack is tested with; pyproject's [tool.comfy] says the same
 # (a unit test keeps the two equal). Older releases lack parts of the V3 API the nodes use.
 MIN_COMFYUI = "0.3.64"
@@ -70,8 +73,8 @@ def find_comfyui(explicit: str | None = None) -> tuple[Path, str] | None:
         if not is_comfyui(explicit):
             raise ComfyError(f"--comfyui {explicit} is not a ComfyUI checkout (no main.py and comfy/ there)")
         return Path(explicit).expanduser().resolve(), "--comfyui"
-    pack = Path(__file__).resolve().parent
-    for link in (Path(__file__).absolute().parent, pack):
+    pack = PACK.resolve()
+    for link in (PACK, pack):
         if link.parent.name == "custom_nodes" and is_comfyui(link.parent.parent):
             return link.parent.parent.resolve(), "the ComfyUI this pack is installed in"
     env = os.environ.get("COMFYUI_PATH")
@@ -319,7 +322,7 @@ class ComfyServer:
 
 def _link_custom_nodes(src: Path | None, dst: Path) -> None:
     """Link the checkout's custom nodes (when ``src``) and this pack into ``dst``, each once."""
-    pack = Path(__file__).resolve().parent
+    pack = PACK.resolve()
     names = set()
     if src is not None and src.is_dir():
         for entry in src.iterdir():

@@ -1,0 +1,1 @@
+"""Validation experiments with exact answers (not product code): ``python -m compartments validate ...``."""
