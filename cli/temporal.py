@@ -18,13 +18,15 @@ import tempfile
 from pathlib import Path
 
 from ..temporal.data import FramesError, load_frames
+from ..temporal.layers import LAYER_KINDS, layer_kinds
 from ..temporal.train import TrainConfig, TrainError, check_layers_path, optim_path_for
 from .client import ComfyError, find_comfyui
 
 HELP = ("Train Video-LDM temporal layers on a video or image sequence with the image model frozen. "
         "Imports ComfyUI from --comfyui PATH to load the checkpoint, VAE and model sampling "
         "(the UNet is ComfyUI's); runs without a server. Ctrl-C saves the last completed step.")
-KINDS = {"attention+conv": ("attention", "conv"), "attention": ("attention",), "conv": ("conv",)}
+# The node's LAYER_KINDS names without spaces (one word on a command line).
+KIND_CHOICES = [name.replace(" ", "") for name in LAYER_KINDS]
 
 
 def register(sub) -> None:
@@ -41,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("--frames-per-clip", type=int, default=8, help="frames per training window")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default="", help="caption of the clip (default: zero conditioning)")
-    p.add_argument("--layers", choices=list(KINDS), default="attention+conv", help="temporal layer types")
+    p.add_argument("--layers", choices=KIND_CHOICES, default=KIND_CHOICES[0], help="temporal layer types")
     p.add_argument("--width", type=int, help="resize frames to this width (with --height)")
     p.add_argument("--height", type=int, help="resize frames to this height (with --width)")
     p.add_argument("--max-frames", type=int, help="use at most this many frames")
@@ -112,7 +114,7 @@ def _train(args: argparse.Namespace, root: Path, base: str, frames, config: Trai
 
     try:
         result = face.train_headless(args.checkpoint, frames, args.out, config, prompt=args.prompt,
-                                     kinds=KINDS[args.layers], resume=args.resume, progress=progress)
+                                     kinds=layer_kinds(args.layers), resume=args.resume, progress=progress)
     except KeyboardInterrupt:
         bar.close()
         print(f"interrupted: the last completed step is saved in {args.out} (resume with --resume)", file=sys.stderr)

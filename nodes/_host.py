@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import comfy.model_management
@@ -22,13 +23,37 @@ SAFETENSORS = {".safetensors"}
 
 
 class InputError(ValueError):
-    """A user-facing error: names the node, the input and the fix (what ComfyUI shows)."""
+    """What ComfyUI shows for a user's mistake: ``<node>: input '<input>': <problem> Fix: <fix>``.
+
+    Built in one place, :func:`translated`, from a :class:`CompartmentsError`; the node's name
+    always comes from its schema (the execute guard in ``nodes/__init__.py``, or
+    :func:`node_error` for checks that run later, inside core's sampler).
+    """
 
     def __init__(self, node: str, input_name: str, problem: str, fix: str = ""):
         msg = f"{node}: input '{input_name}': {problem}"
         if fix:
             msg += f" Fix: {fix}"
         super().__init__(msg)
+
+
+class BadInput(CompartmentsError):
+    """A node's own check of one input (the rooms' errors are the same type, without the node)."""
+
+    def __init__(self, input_name: str, problem: str, fix: str = ""):
+        super().__init__(problem, fix, input_name)
+
+
+@contextmanager
+def blame(input_name: str, by_type: dict[type, str] | None = None) -> Iterator[None]:
+    """Attribute a room error that names no input to ``input_name`` (the one the call was about),
+    or to ``by_type[type(error)]`` (e.g. an embedder's error is about the weights)."""
+    try:
+        yield
+    except CompartmentsError as exc:
+        default = next((name for kind, name in (by_type or {}).items() if isinstance(exc, kind)), input_name)
+        exc.field = exc.field or default
+        raise
 
 
 def register_model_folder(name: str, extensions: Iterable[str] = SAFETENSORS, is_dir: bool = False) -> None:
@@ -63,18 +88,18 @@ def list_dirs(name: str) -> list[str]:
     return sorted(out)
 
 
-def check_name(value: str, node: str, input_name: str) -> str:
+def check_name(value: str, input_name: str) -> str:
     """Refuse a file or folder name no file system takes: NUL bytes, a part over 255 bytes."""
     if not isinstance(value, str) or "\0" in value:
-        raise InputError(node, input_name, "the name contains a NUL byte.", "type a plain file name.")
+        raise BadInput(input_name, "the name contains a NUL byte.", "type a plain file name.")
     if any(len(part.encode()) > 255 for part in value.replace("\\", "/").split("/")):
-        raise InputError(node, input_name, "a part of the name is longer than 255 bytes.", "use a shorter name.")
+        raise BadInput(input_name, "a part of the name is longer than 255 bytes.", "use a shorter name.")
     return value
 
 
-def resolve_dir(name: str, sub: str, node: str, input_name: str) -> str:
+def resolve_dir(name: str, sub: str, input_name: str) -> str:
     """Absolute path of a folder-type model, refusing anything outside the registered folders."""
-    check_name(sub, node, input_name)
+    check_name(sub, input_name)
     for base in folder_dirs(name):
         # Containment is checked on the normalised name, not the resolved one: a folder the
         # user symlinked into models/ is theirs to use, a '..' escaping it is not.
@@ -82,32 +107,32 @@ def resolve_dir(name: str, sub: str, node: str, input_name: str) -> str:
         cand = os.path.abspath(os.path.join(root, sub))
         if os.path.commonpath([cand, root]) == root and cand != root and os.path.isdir(cand):
             return cand
-    raise InputError(node, input_name, f"'{sub}' is not a folder under models/{name}.",
+    raise BadInput(input_name, f"'{sub}' is not a folder under models/{name}.",
                      f"put it in {folder_dirs(name)[0]} and refresh the page.")
 
 
-def resolve_file(name: str, filename: str, node: str, input_name: str) -> str:
+def resolve_file(name: str, filename: str, input_name: str) -> str:
     """Absolute path of a model file; folder_paths already refuses paths that escape the folder."""
-    check_name(filename, node, input_name)
+    check_name(filename, input_name)
     path = folder_paths.get_full_path(name, filename)
     if path is None:
-        raise InputError(node, input_name, f"'{filename}' is not in models/{name}.",
+        raise BadInput(input_name, f"'{filename}' is not in models/{name}.",
                          f"put the file in {folder_dirs(name)[0]} and refresh the page.")
     if not path.endswith(".safetensors"):
-        raise InputError(node, input_name, f"'{filename}' is not a .safetensors file.",
+        raise BadInput(input_name, f"'{filename}' is not a .safetensors file.",
                          "Compartments loads safetensors only (no pickle); convert the file first.")
     return path
 
 
-def save_path(name: str, filename: str, node: str, input_name: str) -> str:
+def save_path(name: str, filename: str, input_name: str) -> str:
     """Target path for a new model file inside the first registered folder of ``name``."""
-    check_name(filename, node, input_name)
+    check_name(filename, input_name)
     base = os.path.abspath(folder_dirs(name)[0])
     if not filename.endswith(".safetensors"):
         filename += ".safetensors"
     path = os.path.abspath(os.path.join(base, filename))
     if os.path.commonpath([path, base]) != base:
-        raise InputError(node, input_name, f"'{filename}' points outside models/{name}.",
+        raise BadInput(input_name, f"'{filename}' points outside models/{name}.",
                          "use a plain name or a sub-folder path without '..'.")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     return path
@@ -147,19 +172,29 @@ def check_numbers(cls: Any, **values: Any) -> None:
         try:
             v = float(value)
         except (TypeError, ValueError):
-            raise InputError(schema.display_name, label, f"{value!r} is not a number.") from None
+            raise BadInput(label, f"{value!r} is not a number.") from None
         lo, hi = getattr(spec, "min", None), getattr(spec, "max", None)
         if not math.isfinite(v):
-            raise InputError(schema.display_name, label, f"{value!r} is not a finite number.",
+            raise BadInput(label, f"{value!r} is not a finite number.",
                              f"give a number{f' from {lo:g} to {hi:g}' if lo is not None and hi is not None else ''}.")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
-            raise InputError(schema.display_name, label, f"{v:g} is outside {lo:g}..{hi:g}.",
+            raise BadInput(label, f"{v:g} is outside {lo:g}..{hi:g}.",
                              f"give a number from {lo:g} to {hi:g}.")
 
 
-def translated(node: str, exc: CompartmentsError, default_input: str = "") -> InputError:
-    """The one translation of a room's error into ComfyUI's: node, input, problem, fix."""
-    return InputError(node, exc.field or default_input or "(see message)", exc.problem, exc.fix)
+def translated(node: str, exc: CompartmentsError) -> InputError:
+    """The one translation of a pack error into ComfyUI's: node, input, problem, fix."""
+    return InputError(node, exc.field or "(see message)", exc.problem, exc.fix)
+
+
+def node_name(cls: type) -> str:
+    """A node's display name, from its schema (``define_schema``: ``cls`` may be the executor's locked clone)."""
+    return cls.define_schema().display_name
+
+
+def node_error(cls: type, exc: CompartmentsError) -> InputError:
+    """:func:`translated` for a check that runs after ``execute`` returned (a wrapper inside core's sampler)."""
+    return translated(node_name(cls), exc)
 
 
 def internal_error(node: str, exc: BaseException) -> RuntimeError:

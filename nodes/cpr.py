@@ -107,9 +107,8 @@ class CPRImageConditioning(io.ComfyNode):
     def execute(cls, conditioning, clip_vision, images, strength, noise_augmentation, crop,
                 ids: str = "") -> io.NodeOutput:
         _host.check_numbers(cls, strength=strength, noise_augmentation=noise_augmentation)
-        node = "CPR Private Conditioning (images)"
         if images is None or images.shape[0] == 0:
-            raise _host.InputError(node, "images", "no images were given.",
+            raise _host.BadInput("images", "no images were given.",
                                    "connect Retrieve Images (k >= 1) or use CPR Private Conditioning (prompt only).")
         entries = []
         n = images.shape[0]
@@ -226,25 +225,23 @@ class CPRGuider(comfy.samplers.CFGGuider):
         return result
 
 
-def _make_guider(node: str, mode: str, model, public, private, negative, cfg: float, lam: float,
+def _make_guider(mode: str, model, public, private, negative, cfg: float, lam: float,
                  laplacian_probe: bool = False) -> CPRGuider:
     try:
         lam = check_lambda(lam)
     except CPRInputError as exc:
-        raise _host.InputError(node, "lambda_", str(exc), "use 1 for the public model only, 0 for plain retrieval.") from exc
+        raise _host.BadInput("lambda_", str(exc), "use 1 for the public model only, 0 for plain retrieval.") from exc
     for name, c in (("public", public), ("private", private), ("negative", negative)):
         if not c:
-            raise _host.InputError(node, name, "the conditioning is empty.", "connect a CLIP Text Encode output.")
+            raise _host.BadInput(name, "the conditioning is empty.", "connect a CLIP Text Encode output.")
     for name, c in (("public", public), ("negative", negative)):
         if any(d.get(PRIVATE_KEY) or d.get(CREDIT_KEY) for _, d in c):
-            raise _host.InputError(
-                node, name, "this conditioning is marked private (it came out of a CPR Private Conditioning node): "
+            raise _host.BadInput(name, "this conditioning is marked private (it came out of a CPR Private Conditioning node): "
                 "used here it would feed the retrieved images' information into the public branch and turn the "
                 "copy protection off.",
                 f"connect the plain prompt (CLIP Text Encode) to '{name}'; the private conditioning goes to 'private'.")
     if not has_private_signal(private):
-        raise _host.InputError(
-            node, "private", "this conditioning carries no retrieved-image information (no unCLIP / GLIGEN / "
+        raise _host.BadInput("private", "this conditioning carries no retrieved-image information (no unCLIP / GLIGEN / "
             "reference-image entries and not marked private), so CPR would mix two public models.",
             "build it with 'CPR Private Conditioning (images)' from retrieved images and a CLIP vision model, "
             "or mark a prompt with 'CPR Private Conditioning (prompt only)'.")
@@ -288,7 +285,7 @@ class CPRKLGuider(io.ComfyNode):
     @classmethod
     def execute(cls, model, public, private, negative, cfg, lambda_) -> io.NodeOutput:
         _host.check_numbers(cls, cfg=cfg, lambda_=lambda_)
-        return io.NodeOutput(_make_guider("CPR-KL Guider", "kl", model, public, private, negative, cfg, lambda_))
+        return io.NodeOutput(_make_guider("kl", model, public, private, negative, cfg, lambda_))
 
 
 class CPRChooseGuider(io.ComfyNode):
@@ -312,7 +309,7 @@ class CPRChooseGuider(io.ComfyNode):
     @classmethod
     def execute(cls, model, public, private, negative, cfg, lambda_, laplacian_probe) -> io.NodeOutput:
         _host.check_numbers(cls, cfg=cfg, lambda_=lambda_)
-        return io.NodeOutput(_make_guider("CPR-Choose Guider", "choose", model, public, private, negative, cfg,
+        return io.NodeOutput(_make_guider("choose", model, public, private, negative, cfg,
                                           lambda_, laplacian_probe))
 
 
@@ -337,7 +334,7 @@ class CPRAudit(io.ComfyNode):
     @classmethod
     def execute(cls, guider, latent) -> io.NodeOutput:
         if not isinstance(guider, CPRGuider):
-            raise _host.InputError("CPR Audit", "guider", f"expects a CPR guider, got {type(guider).__name__}.",
+            raise _host.BadInput("guider", f"expects a CPR guider, got {type(guider).__name__}.",
                                    "connect CPR-KL Guider or CPR-Choose Guider.")
         return io.NodeOutput(json.dumps(guider.audit()))
 
@@ -362,11 +359,10 @@ class CPRSaveImage(io.ComfyNode):
 
     @classmethod
     def execute(cls, images, audit, filename_prefix) -> io.NodeOutput:
-        node = "Save Image with Credits"
         try:
             record = json.loads(audit)
         except ValueError as exc:
-            raise _host.InputError(node, "audit", "is not JSON.", "connect CPR Audit's output.") from exc
+            raise _host.BadInput("audit", "is not JSON.", "connect CPR Audit's output.") from exc
         out_dir = folder_paths.get_output_directory()
         full, name, counter, sub, _ = folder_paths.get_save_image_path(filename_prefix, out_dir,
                                                                       images.shape[2], images.shape[1])

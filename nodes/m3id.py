@@ -98,12 +98,11 @@ class LoadVLM(io.ComfyNode):
 
     @classmethod
     def execute(cls, model_folder: str, dtype: str = "auto") -> io.NodeOutput:
-        node = "CompartmentsM3IDLoadVLM"
-        path = _host.resolve_dir(VLM_FOLDER, model_folder, node, "model_folder")
+        path = _host.resolve_dir(VLM_FOLDER, model_folder, "model_folder")
         try:
             detect_family(path)
         except VLMFolderError as exc:
-            raise _host.InputError(node, "model_folder", str(exc),
+            raise _host.BadInput("model_folder", str(exc),
                                    "pick a LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL or PaliGemma folder.") from exc
         load_device = comfy.model_management.get_torch_device()
         offload = comfy.model_management.text_encoder_offload_device()
@@ -118,21 +117,21 @@ class LoadVLM(io.ComfyNode):
         return io.NodeOutput(_CACHE[key])
 
 
-def _caption(node: str, handle: VLMHandle, images: torch.Tensor, prompt: str, settings: M3IDSettings,
+def _caption(handle: VLMHandle, images: torch.Tensor, prompt: str, settings: M3IDSettings,
              chunk_size: int) -> list[CaptionResult]:
     if not isinstance(handle, VLMHandle):
-        raise _host.InputError(node, "vlm", "is not a loaded captioning model.", "connect Load Captioning Model.")
+        raise _host.BadInput("vlm", "is not a loaded captioning model.", "connect Load Captioning Model.")
     if not prompt or not prompt.strip():
-        raise _host.InputError(node, "prompt", "is empty.", "write what the caption should answer, "
+        raise _host.BadInput("prompt", "is empty.", "write what the caption should answer, "
                                "e.g. 'Describe this image in detail.'")
     if settings.max_new_tokens < 1:
-        raise _host.InputError(node, "max_tokens", f"is {settings.max_new_tokens}.", "use at least 1.")
+        raise _host.BadInput("max_tokens", f"is {settings.max_new_tokens}.", "use at least 1.")
     if settings.lam < 0:
-        raise _host.InputError(node, "lambda", f"is {settings.lam}; it must be >= 0.", "0 is plain decoding.")
+        raise _host.BadInput("lambda", f"is {settings.lam}; it must be >= 0.", "0 is plain decoding.")
     if not 0 <= settings.alpha <= 1:
-        raise _host.InputError(node, "alpha", f"is {settings.alpha}; it must be in [0, 1].")
+        raise _host.BadInput("alpha", f"is {settings.alpha}; it must be in [0, 1].")
     if images is None or images.ndim != 4 or images.shape[0] == 0:
-        raise _host.InputError(node, "images", "is not a non-empty IMAGE batch.")
+        raise _host.BadInput("images", "is not a non-empty IMAGE batch.")
     vlm = handle.ready()
     total = images.shape[0] * settings.max_new_tokens
     return caption_images(vlm, _to_pil(images), prompt, settings, chunk_size=chunk_size,
@@ -197,7 +196,7 @@ class CaptionM3ID(io.ComfyNode):
         _host.check_numbers(cls, lambda_=lambda_, alpha=alpha, weight_cap=weight_cap)
         settings = M3IDSettings(lam=float(lambda_), alpha=float(alpha), weight_cap=float(weight_cap),
                                 max_new_tokens=int(max_tokens), greedy=decoding == "greedy", seed=int(seed))
-        results = _caption("CompartmentsM3IDCaption", vlm, images, prompt, settings, chunk_size)
+        results = _caption(vlm, images, prompt, settings, chunk_size)
         return _outputs(results, vlm.vlm, settings)
 
 
@@ -224,7 +223,7 @@ class CaptionPlain(io.ComfyNode):
     def execute(cls, vlm, images, prompt, max_tokens, decoding, seed, chunk_size, measure_pdm) -> io.NodeOutput:
         settings = M3IDSettings(lam=0.0, max_new_tokens=int(max_tokens), greedy=decoding == "greedy",
                                 seed=int(seed), contrast=False, pdm=bool(measure_pdm))
-        results = _caption("CompartmentsM3IDCaptionPlain", vlm, images, prompt, settings, chunk_size)
+        results = _caption(vlm, images, prompt, settings, chunk_size)
         return _outputs(results, vlm.vlm, settings)
 
 

@@ -51,16 +51,15 @@ class StoreHandle:
     weights: str
     model_name: str = "auto"
 
-    def open(self, node: str) -> ImageStore:
-        try:
-            return ImageStore(self.path, _embedder(self.weights, self.model_name, node))
-        except StoreError as exc:
-            raise _input_error(node, exc) from exc
+    def open(self) -> ImageStore:
+        with _blame("store"):
+            return ImageStore(self.path, _embedder(self.weights, self.model_name))
 
 
 # -- helpers ------------------------------------------------------------------------------
-def _input_error(node: str, exc: StoreError | EmbedderError, default_input: str = "store") -> _host.InputError:
-    return _host.translated(node, exc, "weights" if isinstance(exc, EmbedderError) else default_input)
+def _blame(input_name: str):
+    """Store errors that name no input are about ``input_name``; the embedder's about the weights."""
+    return _host.blame(input_name, {EmbedderError: "weights"})
 
 
 def _weights_options() -> list[str]:
@@ -68,18 +67,18 @@ def _weights_options() -> list[str]:
     return sorted(n for n in names if n.endswith(".safetensors"))
 
 
-def _weights_path(name: str, node: str) -> str:
+def _weights_path(name: str) -> str:
     for folder in (OPEN_CLIP, "clip_vision"):
         if folder_paths.get_full_path(folder, name):
-            return _host.resolve_file(folder, name, node, "weights")
-    raise _host.InputError(node, "weights", f"'{name}' is in neither models/{OPEN_CLIP} nor models/clip_vision.",
+            return _host.resolve_file(folder, name, "weights")
+    raise _host.BadInput("weights", f"'{name}' is in neither models/{OPEN_CLIP} nor models/clip_vision.",
                            f"put open_clip safetensors weights in {_host.folder_dirs(OPEN_CLIP)[0]} and refresh.")
 
 
 _EMBEDDERS: dict[tuple, tuple[Embedder, comfy.model_patcher.ModelPatcher]] = {}
 
 
-def _embedder(weights_path: str, model_name: str, node: str) -> Embedder:
+def _embedder(weights_path: str, model_name: str) -> Embedder:
     """Cached open_clip model for these weights, loaded through ComfyUI's memory manager."""
     st = os.stat(weights_path)
     key = (weights_path, st.st_mtime_ns, st.st_size, model_name)
@@ -87,7 +86,7 @@ def _embedder(weights_path: str, model_name: str, node: str) -> Embedder:
         try:
             emb = Embedder(weights_path, model_name)
         except EmbedderError as exc:
-            raise _host.InputError(node, "model_config", str(exc),
+            raise _host.BadInput("model_config", str(exc),
                                    "pick the open_clip config that matches the weights.") from exc
         patcher = comfy.model_patcher.ModelPatcher(emb.model, load_device=comfy.model_management.get_torch_device(),
                                                    offload_device=comfy.model_management.unet_offload_device())
@@ -99,10 +98,10 @@ def _embedder(weights_path: str, model_name: str, node: str) -> Embedder:
     return emb
 
 
-def _store_path(name: str, node: str) -> Path:
+def _store_path(name: str) -> Path:
     name = name.strip()
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,99}", name) or ".." in name:
-        raise _host.InputError(node, "store_name", f"'{name}' is not a usable store name.",
+        raise _host.BadInput("store_name", f"'{name}' is not a usable store name.",
                                "use letters, digits, '-', '_', '.', spaces; no slashes.")
     for base in _host.folder_dirs(STORES):
         if (Path(base) / name).is_dir():
@@ -117,11 +116,11 @@ def _input_folders() -> list[str]:
     return sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)) and not d.startswith("."))
 
 
-def _input_folder(name: str, node: str) -> Path:
+def _input_folder(name: str) -> Path:
     base = os.path.realpath(folder_paths.get_input_directory())
     cand = os.path.realpath(os.path.join(base, name))
     if os.path.commonpath([cand, base]) != base or cand == base or not os.path.isdir(cand):
-        raise _host.InputError(node, "folder", f"'{name}' is not a folder under ComfyUI's input directory.",
+        raise _host.BadInput("folder", f"'{name}' is not a folder under ComfyUI's input directory.",
                                f"put the images in a folder inside {base} and refresh.")
     return Path(cand)
 
@@ -180,18 +179,15 @@ class BuildImageStore(io.ComfyNode):
     @classmethod
     def execute(cls, store_name, folder, weights, model_config="auto", visibility="private",
                 owner="") -> io.NodeOutput:
-        node = "Build Image Store"
-        path = _store_path(store_name, node)
-        src = _input_folder(folder, node)
-        weights_path = _weights_path(weights, node)
-        emb = _embedder(weights_path, model_config, node)
+        path = _store_path(store_name)
+        src = _input_folder(folder)
+        weights_path = _weights_path(weights)
+        emb = _embedder(weights_path, model_config)
         count = sum(1 for p in src.rglob("*") if p.is_file())
         progress = _host.progress(count, node_id=cls.hidden.unique_id if cls.hidden else None)
-        try:
+        with _blame("store"):
             store, report, created = build_or_update(path, emb, src, owner=owner, visibility=visibility,
                                                      progress=progress)
-        except (StoreError, EmbedderError) as exc:
-            raise _input_error(node, exc) from exc
         with store:
             summary = store.summary()
         base = str(src)
@@ -238,19 +234,16 @@ class LoadImageStore(io.ComfyNode):
 
     @classmethod
     def execute(cls, store, weights="(recorded)") -> io.NodeOutput:
-        node = "Load Image Store"
-        path = _host.resolve_dir(STORES, store, node, "store")
-        try:
+        path = _host.resolve_dir(STORES, store, "store")
+        with _blame("store"):
             with ImageStore(path) as opened:
                 model = opened.config["model"]
                 summary = opened.summary()
-        except StoreError as exc:
-            raise _input_error(node, exc) from exc
         name = model["weights"] if weights == "(recorded)" else weights
-        weights_path = _weights_path(name, node)
+        weights_path = _weights_path(name)
         handle = StoreHandle(path, weights_path, "auto" if model["name"].startswith("custom:") or
                              model["name"] not in _open_clip_configs() else model["name"])
-        handle.open(node).close()
+        handle.open().close()
         return io.NodeOutput(handle, json.dumps(summary, indent=1))
 
 
@@ -281,15 +274,12 @@ class RetrieveImages(io.ComfyNode):
 
     @classmethod
     def execute(cls, store, text, k, visibility, image=None, owner: str = "") -> io.NodeOutput:
-        node = "Retrieve Images"
         _host.check_interrupt()
-        with store.open(node) as opened:
-            try:
+        with store.open() as opened:
+            with _blame("text"):
                 hits = opened.query(text=text if image is None else (text or None), image=image, k=k,
                                     visibility=visibility, owner=(owner or "").strip() or None)
                 images = opened.load_images(hits)
-            except StoreError as exc:
-                raise _input_error(node, exc, "text") from exc
             record = attribution(hits, opened)
         out = images.to(comfy.model_management.intermediate_device())
         return io.NodeOutput(out, json.dumps(record))
@@ -313,15 +303,12 @@ class SetImageVisibility(io.ComfyNode):
 
     @classmethod
     def execute(cls, store, ids, visibility) -> io.NodeOutput:
-        node = "Set Image Visibility"
-        with store.open(node) as opened:
-            try:
+        with store.open() as opened:
+            with _blame("ids"):
                 refs = parse_refs(ids)
                 if not refs:
                     raise StoreError("no ids given.", "type ids or sha256 hashes, or connect Retrieve's ids.", "ids")
                 changed = opened.set_visibility(refs, visibility)
-            except StoreError as exc:
-                raise _input_error(node, exc, "ids") from exc
         return io.NodeOutput(store, json.dumps({"visibility": visibility, "ids": changed}))
 
 
@@ -344,16 +331,13 @@ class ForgetImages(io.ComfyNode):
 
     @classmethod
     def execute(cls, store, ids) -> io.NodeOutput:
-        node = "Forget Images"
         _host.check_interrupt()
-        with store.open(node) as opened:
-            try:
+        with store.open() as opened:
+            with _blame("ids"):
                 refs = parse_refs(ids)
                 if not refs:
                     raise StoreError("no ids given.", "type ids or sha256 hashes, or connect Retrieve's ids.", "ids")
                 gone = opened.forget(refs, missing_ok=True)
-            except StoreError as exc:
-                raise _input_error(node, exc, "ids") from exc
             left = len(opened)
         report = {"requested": refs, "forgotten": [{"id": it.id, "sha256": it.sha256} for it in gone],
                   "items_left": left}
@@ -374,12 +358,9 @@ class ListImageStore(io.ComfyNode):
 
     @classmethod
     def execute(cls, store, visibility) -> io.NodeOutput:
-        node = "List Image Store"
         with ImageStore(store.path) as opened:
-            try:
+            with _blame("visibility"):
                 items = opened.list(visibility)
-            except StoreError as exc:
-                raise _input_error(node, exc, "visibility") from exc
             summary = opened.summary()
         rows = [{"id": it.id, "sha256": it.sha256, "owner": it.owner, "visibility": it.visibility,
                  "source": os.path.basename(it.path), "size": [it.width, it.height]} for it in items]

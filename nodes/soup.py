@@ -94,9 +94,9 @@ def _fingerprint(*checkpoints: str) -> str:
     return json.dumps([stats, _scratch_lost])
 
 
-def _soup_file(soup: SoupRef, node: str) -> str:
+def _soup_file(soup: SoupRef) -> str:
     if not os.path.exists(soup.path):
-        raise _host.InputError(node, "soup", f"the soup file {soup.path} is gone (ComfyUI's temp folder was emptied).",
+        raise _host.BadInput("soup", f"the soup file {soup.path} is gone (ComfyUI's temp folder was emptied).",
                                "queue the workflow again: the soup node re-runs; keep soups with Save Soup.")
     return soup.path
 
@@ -139,14 +139,6 @@ def _progress_for(path: str):
     return _host.progress(n)
 
 
-def _run(node: str, input_name: str, fn, *args, **kwargs):
-    """Call the engine; turn its user-facing errors into node/input errors with a fix."""
-    try:
-        return fn(*args, **kwargs)
-    except engine.SoupError as e:
-        raise _host.InputError(node, input_name, str(e)) from e
-
-
 class SoupBuild(io.ComfyNode):
     """Average N checkpoints fine-tuned from one base, streaming one tensor at a time."""
 
@@ -185,19 +177,19 @@ class SoupBuild(io.ComfyNode):
 
     @classmethod
     def execute(cls, members: str, base: str, components: str, dtype: str, keep_sum: bool) -> io.NodeOutput:
-        node = "Soup Checkpoints"
         try:
             parsed = engine.parse_members(members)
         except engine.SoupError as e:
-            raise _host.InputError(node, "members", str(e), "write 'name.safetensors' or 'name.safetensors, 2'.") from e
+            raise _host.BadInput("members", str(e), "write 'name.safetensors' or 'name.safetensors, 2'.") from e
         if not parsed:
-            raise _host.InputError(node, "members", "no checkpoint listed.", "list one file name per line.")
-        shards = [engine.Shard(_host.resolve_file("checkpoints", n, node, "members"), w) for n, w in parsed]
-        base_path = None if base == "first member" else _host.resolve_file("checkpoints", base, node, "base")
+            raise _host.BadInput("members", "no checkpoint listed.", "list one file name per line.")
+        shards = [engine.Shard(_host.resolve_file("checkpoints", n, "members"), w) for n, w in parsed]
+        base_path = None if base == "first member" else _host.resolve_file("checkpoints", base, "base")
         out = _scratch_path()
         progress = _progress_for(str(shards[0].path))
-        man = _run(node, "members", engine.build_soup, shards, out, base=base_path, components=components,
-                   dtype=dtype, keep_sum=keep_sum, progress=progress)
+        with _host.blame("members"):
+            man = engine.build_soup(shards, out, base=base_path, components=components, dtype=dtype,
+                                    keep_sum=keep_sum, progress=progress)
         return _outputs(out, man)
 
 
@@ -226,12 +218,11 @@ class SoupAddShard(io.ComfyNode):
     @classmethod
     def execute(cls, soup: SoupRef, checkpoint: str, weight: float) -> io.NodeOutput:
         _host.check_numbers(cls, weight=weight)
-        node = "Soup Add Shard"
-        shard = _host.resolve_file("checkpoints", checkpoint, node, "checkpoint")
-        src = _soup_file(soup, node)
+        shard = _host.resolve_file("checkpoints", checkpoint, "checkpoint")
+        src = _soup_file(soup)
         out = _scratch_path()
-        man = _run(node, "checkpoint", engine.add_shard, src, shard, out, weight=weight,
-                   progress=_progress_for(src))
+        with _host.blame("checkpoint"):
+            man = engine.add_shard(src, shard, out, weight=weight, progress=_progress_for(src))
         return _outputs(out, man)
 
 
@@ -259,11 +250,11 @@ class SoupRemoveShard(io.ComfyNode):
 
     @classmethod
     def execute(cls, soup: SoupRef, checkpoint: str) -> io.NodeOutput:
-        node = "Soup Remove Shard"
-        shard = _host.resolve_file("checkpoints", checkpoint, node, "checkpoint")
-        src = _soup_file(soup, node)
+        shard = _host.resolve_file("checkpoints", checkpoint, "checkpoint")
+        src = _soup_file(soup)
         out = _scratch_path()
-        man = _run(node, "checkpoint", engine.remove_shard, src, shard, out, progress=_progress_for(src))
+        with _host.blame("checkpoint"):
+            man = engine.remove_shard(src, shard, out, progress=_progress_for(src))
         return _outputs(out, man)
 
 
@@ -288,12 +279,11 @@ class SoupSave(io.ComfyNode):
 
     @classmethod
     def execute(cls, soup: SoupRef, filename: str, overwrite: bool) -> io.NodeOutput:
-        node = "Save Soup"
-        target = _host.save_path(SOUPS, filename.strip() or "soup", node, "filename")
+        target = _host.save_path(SOUPS, filename.strip() or "soup", "filename")
         if os.path.exists(target) and not overwrite:
-            raise _host.InputError(node, "filename", f"{os.path.basename(target)} already exists in models/soups.",
+            raise _host.BadInput("filename", f"{os.path.basename(target)} already exists in models/soups.",
                                    "choose another name or enable overwrite.")
-        src = _soup_file(soup, node)
+        src = _soup_file(soup)
         with replacing(target, suffix=".partial", fsync=True) as tmp:  # the keeper: on disk before the rename
             shutil.copyfile(src, tmp)
             _host.check_interrupt()
@@ -317,9 +307,9 @@ class SoupLoad(io.ComfyNode):
 
     @classmethod
     def execute(cls, soup_name: str) -> io.NodeOutput:
-        node = "Load Soup"
-        path = _host.resolve_file(SOUPS, soup_name, node, "soup_name")
-        man = _run(node, "soup_name", engine.read_manifest, path)
+        path = _host.resolve_file(SOUPS, soup_name, "soup_name")
+        with _host.blame("soup_name"):
+            man = engine.read_manifest(path)
         return _outputs(path, man)
 
 
@@ -342,7 +332,7 @@ class SoupInspect(io.ComfyNode):
 
     @classmethod
     def execute(cls, soup: SoupRef, as_json: bool) -> io.NodeOutput:
-        man = engine.read_manifest(_soup_file(soup, "Inspect Soup"))
+        man = engine.read_manifest(_soup_file(soup))
         return io.NodeOutput(man.to_json() if as_json else man.describe())
 
 
@@ -377,7 +367,7 @@ class SoupModels(io.ComfyNode):
         pairs = [(m, w) for m, w in ((model_1, weight_1), (model_2, weight_2), (model_3, weight_3),
                                      (model_4, weight_4)) if m is not None]
         if sum(w for _, w in pairs) <= 0:
-            raise _host.InputError("Soup Models (in graph)", "weight_1", "all weights are 0.", "give one a weight > 0.")
+            raise _host.BadInput("weight_1", "all weights are 0.", "give one a weight > 0.")
         return io.NodeOutput(soup_as_patches(pairs))
 
 
@@ -428,14 +418,13 @@ class SoupModelsAny(io.ComfyNode):
 
     @classmethod
     def execute(cls, models: dict, weights: str = "") -> io.NodeOutput:
-        node = "Soup Models (any number)"
         ordered = [models[k] for k in sorted(models, key=_ordinal) if models[k] is not None]
         if len(ordered) < 2:
-            raise _host.InputError(node, "models", f"{len(ordered)} model(s) connected.", "connect at least two MODELs.")
+            raise _host.BadInput("models", f"{len(ordered)} model(s) connected.", "connect at least two MODELs.")
         try:
             ws = engine.parse_weights(weights, len(ordered))
         except engine.SoupError as e:
-            raise _host.InputError(node, "weights", str(e) + ".",
+            raise _host.BadInput("weights", str(e) + ".",
                                    "write one weight per connected model, e.g. '2, 1, 1', or leave it empty.") from e
         return io.NodeOutput(soup_as_patches(list(zip(ordered, ws, strict=True))))
 

@@ -24,16 +24,10 @@ from comfy_api.latest import io
 
 from ..temporal.context import BLENDS, blend_weights, fuse, windows
 from ..temporal.formats import FormatError, MotionInfo, load_layers, load_motion_module
-from ..temporal.inject import (
-    LayoutMismatch,
-    MotionSlot,
-    check_compatible,
-    parse_alpha_overrides,
-    timestep_embed_handler,
-)
+from ..temporal.inject import InjectionError, MotionSlot, check_injection, timestep_embed_handler
 from ..temporal.layers import Layout, MotionModule, layout_of_unet
 from . import _host
-from ._host import InputError
+from ._host import BadInput
 
 ANIMATEDIFF_FOLDER = "animatediff_models"
 LAYERS_FOLDER = "temporal_layers"
@@ -61,8 +55,8 @@ def _files(folder: str) -> list[str]:
     return [f for f in folder_paths.get_filename_list(folder) if f.endswith(".safetensors")]
 
 
-def _load(folder: str, name: str, node: str, input_name: str) -> LoadedTemporal:
-    path = _host.resolve_file(folder, name, node, input_name)
+def _load(folder: str, name: str, input_name: str) -> LoadedTemporal:
+    path = _host.resolve_file(folder, name, input_name)
     try:
         if folder == LAYERS_FOLDER:
             module, info, meta = load_layers(path)
@@ -71,7 +65,7 @@ def _load(folder: str, name: str, node: str, input_name: str) -> LoadedTemporal:
             module, info = load_motion_module(path)
             frames = None
     except FormatError as exc:
-        raise InputError(node, input_name, f"'{name}': {exc}",
+        raise BadInput(input_name, f"'{name}': {exc}",
                          "pick an AnimateDiff motion module (SD1.5 v1/v2/v3, SDXL) or Compartments layers.") from exc
     module.eval().requires_grad_(False)
     return LoadedTemporal(module, info, name, frames)
@@ -95,7 +89,7 @@ class LoadMotionModule(io.ComfyNode):
 
     @classmethod
     def execute(cls, motion_module: str) -> io.NodeOutput:
-        return io.NodeOutput(_load(ANIMATEDIFF_FOLDER, motion_module, "CompartmentsLoadMotionModule", "motion_module"))
+        return io.NodeOutput(_load(ANIMATEDIFF_FOLDER, motion_module, "motion_module"))
 
 
 class LoadTemporalLayers(io.ComfyNode):
@@ -116,19 +110,19 @@ class LoadTemporalLayers(io.ComfyNode):
 
     @classmethod
     def execute(cls, temporal_layers: str) -> io.NodeOutput:
-        return io.NodeOutput(_load(LAYERS_FOLDER, temporal_layers, "CompartmentsLoadTemporalLayers", "temporal_layers"))
+        return io.NodeOutput(_load(LAYERS_FOLDER, temporal_layers, "temporal_layers"))
 
 
 # --- injection --------------------------------------------------------------------------------------------
 
 
-def model_layout(model: Any, mid: bool, node: str) -> Layout:
-    """The UNet layout of a ComfyUI MODEL; InputError when it is not an openaimodel UNet."""
+def model_layout(model: Any, mid: bool) -> Layout:
+    """The UNet layout of a ComfyUI MODEL; BadInput('model') when it is not an openaimodel UNet."""
     dm = model.get_model_object("diffusion_model")
     needed = ("model_channels", "channel_mult", "num_res_blocks", "input_blocks", "output_blocks")
     if not all(hasattr(dm, a) for a in needed):
-        raise InputError(node, "model", f"{type(dm).__name__} is not a UNet (SD1.5/SDXL family).",
-                         "temporal layers attach to SD1.5 or SDXL UNets.")
+        raise BadInput("model", f"{type(dm).__name__} is not a UNet (SD1.5/SDXL family).",
+                       "temporal layers attach to SD1.5 or SDXL UNets.")
     return layout_of_unet(dm.model_channels, list(dm.channel_mult), list(dm.num_res_blocks), mid=mid)
 
 
@@ -184,70 +178,40 @@ def _fuse_for(method: str):
     return weights
 
 
-def inject(model: Any, loaded: LoadedTemporal, frame_count: int, context_length: int = 0, context_overlap: int = 4,
-           context_blend: str = "pyramid", alpha: float = -1.0, alpha_overrides: str = "",
-           node: str = "CompartmentsApplyTemporalLayers") -> Any:
-    """Validate everything a user can get wrong, then return a patched clone of ``model``."""
-    module = loaded.module
-    if frame_count < 1:
-        raise InputError(node, "frame_count", f"must be at least 1, got {frame_count}.",
-                         "set it to the number of frames (the latent batch size).")
-    layout = model_layout(model, module.layout.mid, node)
-    try:
-        check_compatible(module.layout, layout)
-    except LayoutMismatch as exc:
-        raise InputError(node, "temporal_layers", str(exc) + ".",
-                         f"load a motion module made for {layout.name} (e.g. an SD1.5 module for an SD1.5 "
-                         "checkpoint, the SDXL one for SDXL).") from exc
-    if context_length < 0:
-        raise InputError(node, "context_length", f"must be 0 (off) or more, got {context_length}.")
-    if context_length > 0:
-        if context_overlap >= context_length:
-            raise InputError(node, "context_overlap",
-                             f"{context_overlap} must be smaller than context_length ({context_length}).",
-                             f"use at most {context_length - 1}, e.g. {context_length // 4}.")
-        if context_overlap < 0:
-            raise InputError(node, "context_overlap", f"must be 0 or more, got {context_overlap}.")
-        if frame_count < context_length:
-            raise InputError(node, "frame_count",
-                             f"the video has {frame_count} frames, fewer than context_length ({context_length}).",
-                             "make context_length at most the frame count, or 0 to switch windows off.")
-        if context_length > module.max_frames:
-            raise InputError(node, "context_length",
-                             f"{context_length} exceeds the layers' native {module.max_frames} frames.",
-                             f"use {module.max_frames} or less.")
-    elif frame_count > module.max_frames:
-        raise InputError(node, "frame_count",
-                         f"{frame_count} frames exceed the layers' native {module.max_frames} frames.",
-                         f"set context_length to {min(16, module.max_frames)} (sliding windows) for long videos.")
-    if context_blend not in BLENDS:
-        raise InputError(node, "context_blend", f"unknown '{context_blend}'.", f"use one of {list(BLENDS)}.")
-    if alpha > 1.0 or (alpha < 0.0 and alpha != -1.0):
-        raise InputError(node, "alpha", f"{alpha} is outside 0..1.", "use 0..1, or -1 for the layers' own alphas.")
-    keys = [s.key for s in module.layout.slots]
-    try:
-        per_layer = parse_alpha_overrides(alpha_overrides, keys)
-    except ValueError as exc:
-        raise InputError(node, "alpha_overrides", str(exc) + ".",
-                         "write NAME=VALUE pairs, e.g. 'down_blocks=0.5, up_blocks.1.motion_modules.0=1'.") from exc
+def patch_layers(model: Any, module: MotionModule, alphas: dict[str, float | None] | None = None) -> Any:
+    """A clone of ``model`` with ``module``'s layers after their spatial blocks (official hooks only).
 
+    The one placement for applying and for training: same block paths, same position in each
+    block, spatial children keep their names (LoRA and soup patches still resolve). The layers
+    are shared, not copied, so training ``module`` changes what the clone computes. ``alphas``
+    overrides a layer's own alpha by key (None: the layer's).
+    """
     m = model.clone()
     layers = module.layers()
     for slot in module.layout.slots:
-        a = per_layer.get(slot.key, None if alpha < 0 else alpha)
         path = _block_path(slot.block)
-        motion = MotionSlot(layers[slot.key], slot.key, a)
+        motion = MotionSlot(layers[slot.key], slot.key, (alphas or {}).get(slot.key))
         m.add_object_patch(path, _with_slot(m.get_model_object(path), motion, slot.block[0] == "middle"))
     existing = m.model_options.get("transformer_options", {}).get("patches", {}).get("forward_timestep_embed_patch", [])
     if not any(cls is MotionSlot for cls, _ in existing):
         m.set_model_forward_timestep_embed_patch((MotionSlot, timestep_embed_handler))
+    return m
+
+
+def inject(model: Any, loaded: LoadedTemporal, frame_count: int, context_length: int = 0, context_overlap: int = 4,
+           context_blend: str = "pyramid", alpha: float = -1.0, alpha_overrides: str = "") -> Any:
+    """Check (the room's :func:`check_injection`) -> patch -> frame check and context handler."""
+    module = loaded.module
+    alphas = check_injection(module, model_layout(model, module.layout.mid), frame_count, context_length,
+                             context_overlap, context_blend, alpha, alpha_overrides)
+    m = patch_layers(model, module, alphas)
 
     def check_batch(executor: Any, noise: Any, *args: Any, **kwargs: Any) -> Any:
         frames = int(noise.shape[0])
-        if frames != frame_count:
-            raise InputError(node, "frame_count",
-                             f"is {frame_count} but the latent batch holds {frames} frames.",
-                             "frames are the latent batch: set the empty latent's batch_size to frame_count.")
+        if frames != frame_count:  # runs inside core's sampler, after Apply Temporal Layers returned
+            raise _host.node_error(ApplyTemporalLayers, InjectionError(
+                f"is {frame_count} but the latent batch holds {frames} frames.",
+                "frames are the latent batch: set the empty latent's batch_size to frame_count.", "frame_count"))
         return executor(noise, *args, **kwargs)
 
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, check_batch)
@@ -297,7 +261,7 @@ class ApplyTemporalLayers(io.ComfyNode):
                 context_overlap: int, context_blend: str, alpha: float, alpha_overrides: str) -> io.NodeOutput:
         _host.check_numbers(cls, alpha=alpha)
         return io.NodeOutput(inject(model, temporal_layers, frame_count, context_length, context_overlap,
-                                    context_blend, alpha, alpha_overrides, "CompartmentsApplyTemporalLayers"))
+                                    context_blend, alpha, alpha_overrides))
 
 
 # --- decoding ------------------------------------------------------------------------------------------------
@@ -309,8 +273,7 @@ def has_temporal_decoder(vae: Any) -> bool:
     return type(decoder).__name__ == "VideoDecoder"
 
 
-def decode_video(vae: Any, latent: Any, frames_per_pass: int = 0, overlap: int = 2,
-                 node: str = "CompartmentsVAEDecodeVideo") -> tuple[Any, str]:
+def decode_video(vae: Any, latent: Any, frames_per_pass: int = 0, overlap: int = 2) -> tuple[Any, str]:
     """Decode frames; temporally when the VAE can, in whole windows blended over ``overlap`` frames.
 
     Core ``VAEDecode`` splits the batch by free memory, which cuts a temporal decoder's frame
@@ -324,10 +287,10 @@ def decode_video(vae: Any, latent: Any, frames_per_pass: int = 0, overlap: int =
         return vae.decode(latent), "per-frame"
     length = frames if frames_per_pass in (0, None) else int(frames_per_pass)
     if length > frames:
-        raise InputError(node, "frames_per_pass", f"the video has {frames} frames, fewer than {length}.",
+        raise BadInput("frames_per_pass", f"the video has {frames} frames, fewer than {length}.",
                          "use at most the frame count, or 0 for the whole video in one pass.")
     if length < frames and overlap >= length:
-        raise InputError(node, "overlap", f"{overlap} must be smaller than frames_per_pass ({length}).")
+        raise BadInput("overlap", f"{overlap} must be smaller than frames_per_pass ({length}).")
     comfy.model_management.load_models_gpu([vae.patcher])
     idx = windows(frames, length, min(overlap, length - 1) if length < frames else 0)
     outs = []
@@ -366,7 +329,7 @@ class VAEDecodeVideo(io.ComfyNode):
     def execute(cls, samples: dict, vae: Any, frames_per_pass: int, overlap: int) -> io.NodeOutput:
         latent = samples["samples"]
         if latent.ndim != 4:
-            raise InputError("CompartmentsVAEDecodeVideo", "samples", f"expected frames x 4 x h x w, got {tuple(latent.shape)}.",
+            raise BadInput("samples", f"expected frames x 4 x h x w, got {tuple(latent.shape)}.",
                              "pass an image-model latent whose batch holds the frames.")
         images, mode = decode_video(vae, latent, frames_per_pass, overlap)
         return io.NodeOutput(images, mode)

@@ -24,8 +24,8 @@ import torch
 from comfy_api.latest import io
 
 from ..temporal import formats
-from ..temporal.inject import LayoutMismatch, MotionSlot, check_compatible, timestep_embed_handler
-from ..temporal.layers import MotionModule
+from ..temporal.inject import LayoutMismatch, check_compatible
+from ..temporal.layers import LAYER_KINDS, MotionModule
 from ..temporal.train import (
     TrainConfig,
     TrainError,
@@ -39,9 +39,7 @@ from ..temporal.train import (
 from . import _host
 from . import temporal as temporal_nodes
 
-NODE = "CompartmentsTemporalTrain"
 FOLDER = "temporal_layers"
-KINDS = {"attention + conv": ("attention", "conv"), "attention": ("attention",), "conv": ("conv",)}
 
 _host.register_model_folder(FOLDER)
 log = logging.getLogger("compartments.temporal_train")
@@ -50,28 +48,7 @@ log = logging.getLogger("compartments.temporal_train")
 # --- MODEL plumbing -------------------------------------------------------------------------------
 def model_layout(model):
     """The temporal :class:`Layout` for a MODEL's UNet (openaimodel UNets only), with a mid-block slot."""
-    return temporal_nodes.model_layout(model, True, NODE)
-
-
-def apply_layers(model, module: MotionModule):
-    """A clone of ``model`` with ``module``'s layers after their spatial blocks (official hooks only).
-
-    Placement is ``nodes/temporal.py``'s (same block paths, same position in each block,
-    spatial children keep their names so LoRA keys still resolve), so layers trained here
-    act exactly as when loaded with Load Temporal Layers + Apply Temporal Layers. The layers
-    are shared, not copied: training ``module`` changes what the clone computes.
-    """
-    mp = model.clone()
-    layers = module.layers()
-    for slot in module.layout.slots:
-        path = temporal_nodes._block_path(slot.block)
-        motion = MotionSlot(layers[slot.key], slot.key)
-        mp.add_object_patch(path, temporal_nodes._with_slot(mp.get_model_object(path), motion,
-                                                            slot.block[0] == "middle"))
-    patches = mp.model_options.get("transformer_options", {}).get("patches", {})
-    if not any(cls is MotionSlot for cls, _ in patches.get("forward_timestep_embed_patch", [])):
-        mp.set_model_forward_timestep_embed_patch((MotionSlot, timestep_embed_handler))
-    return mp
+    return temporal_nodes.model_layout(model, True)
 
 
 def _as_normal_tensor(weight: torch.Tensor) -> torch.Tensor:
@@ -100,7 +77,7 @@ def prediction_of(model_sampling) -> tuple[str, float]:
     for cls, name in ((ms.X0, "x0"), (ms.EDM, "edm"), (ms.V_PREDICTION, "v"), (ms.EPS, "eps"), (ms.CONST, "flow")):
         if isinstance(model_sampling, cls):
             return name, float(getattr(model_sampling, "sigma_data", 1.0))
-    raise _host.InputError(NODE, "model", f"model sampling {type(model_sampling).__name__} is not supported "
+    raise _host.BadInput("model", f"model sampling {type(model_sampling).__name__} is not supported "
                            "(eps, v, x0, EDM or flow models only).")
 
 
@@ -147,7 +124,7 @@ def train_on_model(model, latents: torch.Tensor, positive: list | None, config: 
                 module, info, _ = formats.load_layers(save_to)
                 check_compatible(info.layout(), layout)
             except (formats.FormatError, LayoutMismatch) as exc:
-                raise _host.InputError(NODE, "resume", f"cannot resume from '{os.path.basename(save_to)}': {exc}",
+                raise _host.BadInput("resume", f"cannot resume from '{os.path.basename(save_to)}': {exc}",
                                        "turn resume off to start new layers, or pick another save name.") from exc
         else:
             module = MotionModule(layout, kinds, max_frames=max(32, config.frames_per_clip))
@@ -155,7 +132,7 @@ def train_on_model(model, latents: torch.Tensor, positive: list | None, config: 
         latents = latents.detach().clone().float()
         base_params = list(model.model.parameters())
         flags = [p.requires_grad for p in base_params]
-        trained = apply_layers(model, module)
+        trained = temporal_nodes.patch_layers(model, module)
         working = _autograd_ready(trained)
         save_layers, load_layers = video_ldm_io(config.frames_per_clip, base=layout.name)
 
@@ -184,19 +161,19 @@ def train_on_model(model, latents: torch.Tensor, positive: list | None, config: 
     return trained, module, sampler.result
 
 
-def encode_frames(node: str, vae, images: torch.Tensor | None, latent: dict | None) -> torch.Tensor:
+def encode_frames(vae, images: torch.Tensor | None, latent: dict | None) -> torch.Tensor:
     """Raw latents ``[T, C, h, w]`` from a LATENT batch or from IMAGE frames + VAE."""
     if latent is not None:
         samples = latent["samples"]
         if samples.ndim != 4:
-            raise _host.InputError(node, "latent", f"expected a batch of image latents [frames, C, h, w], "
+            raise _host.BadInput("latent", f"expected a batch of image latents [frames, C, h, w], "
                                    f"got shape {tuple(samples.shape)}.", "encode the frames with an image VAE.")
         return samples
     if images is None:
-        raise _host.InputError(node, "images", "no frames: connect IMAGE frames (with a VAE) or a LATENT batch.",
+        raise _host.BadInput("images", "no frames: connect IMAGE frames (with a VAE) or a LATENT batch.",
                                "load a video, an animated WEBP/GIF or a folder of frames as an IMAGE batch.")
     if vae is None:
-        raise _host.InputError(node, "vae", "IMAGE frames need a VAE to encode them.",
+        raise _host.BadInput("vae", "IMAGE frames need a VAE to encode them.",
                                "connect the checkpoint's VAE (or give a LATENT batch instead).")
     return vae.encode(images[:, :, :, :3])
 
@@ -205,7 +182,7 @@ class TrainTemporalLayers(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id=NODE,
+            node_id="CompartmentsTemporalTrain",
             display_name="Train Temporal Layers",
             category="Compartments/Temporal",
             description="Fit Video-LDM temporal layers (attention over frames, 3D conv, learned alpha) on one clip "
@@ -229,7 +206,7 @@ class TrainTemporalLayers(io.ComfyNode):
                 io.Latent.Input("latent", optional=True, tooltip="Already encoded frames (instead of images + vae)."),
                 io.Conditioning.Input("positive", optional=True,
                                       tooltip="Caption of the clip; empty (zero) conditioning when not connected."),
-                io.Combo.Input("layers", options=list(KINDS), default="attention + conv", optional=True,
+                io.Combo.Input("layers", options=list(LAYER_KINDS), default="attention + conv", optional=True,
                                tooltip="Temporal layer types for new layers."),
                 io.Int.Input("save_every", default=0, min=0, max=1_000_000, optional=True,
                              tooltip="Also checkpoint every N steps (0: at the end and on Cancel only)."),
@@ -250,27 +227,23 @@ class TrainTemporalLayers(io.ComfyNode):
                 save_every: int = 0, eval_draws: int = 4) -> io.NodeOutput:
         _host.check_numbers(cls, lr=lr)
         if not save_name.strip():
-            raise _host.InputError(NODE, "save_name", "is empty.", "give a name such as temporal_train/my_layers.")
-        save_to = _host.save_path(FOLDER, save_name.strip(), NODE, "save_name")
-        try:
+            raise _host.BadInput("save_name", "is empty.", "give a name such as temporal_train/my_layers.")
+        save_to = _host.save_path(FOLDER, save_name.strip(), "save_name")
+        with _host.blame("save_name"):
             check_layers_path(save_to)
-        except TrainError as exc:
-            raise _host.translated(NODE, exc, "save_name") from exc
         if resume and not os.path.exists(save_to):
-            raise _host.InputError(NODE, "resume", f"nothing to resume: '{save_name}' is not in models/{FOLDER}.",
+            raise _host.BadInput("resume", f"nothing to resume: '{save_name}' is not in models/{FOLDER}.",
                                    "turn resume off for the first run.")
         with torch.no_grad():  # the VAE is not trained; its weights may be inference tensors
-            latents = encode_frames(NODE, vae, images, latent)
+            latents = encode_frames(vae, images, latent)
         if latents.shape[0] < frames_per_clip:
-            raise _host.InputError(NODE, "frames_per_clip", f"the clip has {latents.shape[0]} frames, fewer than "
+            raise _host.BadInput("frames_per_clip", f"the clip has {latents.shape[0]} frames, fewer than "
                                    f"frames_per_clip={frames_per_clip}.", "give more frames or lower frames_per_clip.")
         config = TrainConfig(steps=steps, lr=lr, frames_per_clip=frames_per_clip, seed=seed, save_every=save_every,
                              eval_draws=eval_draws)
-        try:
-            trained, _, result = train_on_model(model, latents, positive, config, KINDS[layers], save_to, resume,
+        with _host.blame("model"):
+            trained, _, result = train_on_model(model, latents, positive, config, LAYER_KINDS[layers], save_to, resume,
                                                 _host.progress(steps), log.info)
-        except TrainError as exc:
-            raise _host.InputError(NODE, "model", str(exc)) from exc
         curve = loss_curve_image(result.losses, result.eval_curve).to(comfy.model_management.intermediate_device())
         return io.NodeOutput(trained, loss_report(result), curve)
 

@@ -4,7 +4,7 @@ CPR (Golatkar et al., "CPR: Retrieval Augmented Generation for Copyright Protect
 arXiv 2403.18920) samples from a combination of a *public* (safe) distribution and a
 *private* (retrieval-conditioned) one by merging the two denoisers inside one backward
 pass. Where the paper's exact equations could not be read, this module implements the
-project's documented rule (``design.md``, section CPR):
+project's documented rule (``docs/design.md``, section CPR):
 
 Notation (k-diffusion / ComfyUI convention): ``x = x0 + sigma * eps``; a denoiser ``D(x, sigma)``
 predicts ``x0``; its score is ``s(x, sigma) = (D - x) / sigma**2 = grad_x log p_sigma(x)``.

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import CompartmentsError
+from .context import BLENDS
 from .layers import Layout, MotionModule, TemporalLayer
 
 Block = tuple[str, int]
@@ -26,6 +27,10 @@ ApplyFn = Callable[[Block, torch.Tensor, int, Any], torch.Tensor]
 
 class LayoutMismatch(CompartmentsError):
     """Temporal layers built for another UNet (e.g. an SDXL motion module on an SD1.5 model)."""
+
+
+class InjectionError(CompartmentsError):
+    """A setting of Apply Temporal Layers that cannot work; ``field`` names the input."""
 
 
 def check_compatible(module_layout: Layout, model_layout: Layout) -> None:
@@ -41,12 +46,58 @@ def check_compatible(module_layout: Layout, model_layout: Layout) -> None:
 def check_frames(num_frames: int, max_frames: int, context_length: int) -> None:
     """Frames one UNet call will see must fit the position table (``max_frames``)."""
     if num_frames < 1:
-        raise ValueError(f"frame count must be at least 1, got {num_frames}")
-    seen = context_length if 0 < context_length < num_frames else num_frames
-    if seen > max_frames:
-        raise ValueError(
-            f"{seen} frames per pass exceed the temporal layers' native {max_frames}; "
-            f"set context_length to {max_frames} or less (sliding windows)")
+        raise InjectionError(f"must be at least 1, got {num_frames}.",
+                             "set it to the number of frames (the latent batch size).", "frame_count")
+    if context_length > 0:
+        if num_frames < context_length:
+            raise InjectionError(f"the video has {num_frames} frames, fewer than context_length ({context_length}).",
+                                 "make context_length at most the frame count, or 0 to switch windows off.",
+                                 "frame_count")
+        if context_length > max_frames:
+            raise InjectionError(f"{context_length} exceeds the layers' native {max_frames} frames.",
+                                 f"use {max_frames} or less.", "context_length")
+    elif num_frames > max_frames:
+        raise InjectionError(f"{num_frames} frames exceed the layers' native {max_frames} frames.",
+                             f"set context_length to {min(16, max_frames)} (sliding windows) for long videos.",
+                             "frame_count")
+
+
+def check_injection(module: MotionModule, model_layout: Layout, frame_count: int, context_length: int = 0,
+                    context_overlap: int = 4, context_blend: str = "pyramid", alpha: float = -1.0,
+                    alpha_overrides: str = "") -> dict[str, float | None]:
+    """Every check of Apply Temporal Layers, before anything is patched; returns each layer's alpha.
+
+    ``alpha`` -1 keeps the layers' own (learned) alphas; ``alpha_overrides`` names layers or
+    prefixes (see :func:`parse_alpha_overrides`) and wins over ``alpha``. Raises
+    :class:`InjectionError` naming the input and the fix.
+    """
+    if frame_count < 1:
+        check_frames(frame_count, module.max_frames, context_length)
+    try:
+        check_compatible(module.layout, model_layout)
+    except LayoutMismatch as exc:
+        raise InjectionError(str(exc) + ".", f"load a motion module made for {model_layout.name} (e.g. an SD1.5 "
+                             "module for an SD1.5 checkpoint, the SDXL one for SDXL).", "temporal_layers") from exc
+    if context_length < 0:
+        raise InjectionError(f"must be 0 (off) or more, got {context_length}.", "", "context_length")
+    if context_length > 0:
+        if context_overlap >= context_length:
+            raise InjectionError(f"{context_overlap} must be smaller than context_length ({context_length}).",
+                                 f"use at most {context_length - 1}, e.g. {context_length // 4}.", "context_overlap")
+        if context_overlap < 0:
+            raise InjectionError(f"must be 0 or more, got {context_overlap}.", "", "context_overlap")
+    check_frames(frame_count, module.max_frames, context_length)
+    if context_blend not in BLENDS:
+        raise InjectionError(f"unknown '{context_blend}'.", f"use one of {list(BLENDS)}.", "context_blend")
+    if alpha > 1.0 or (alpha < 0.0 and alpha != -1.0):
+        raise InjectionError(f"{alpha} is outside 0..1.", "use 0..1, or -1 for the layers' own alphas.", "alpha")
+    keys = [s.key for s in module.layout.slots]
+    try:
+        per_layer = parse_alpha_overrides(alpha_overrides, keys)
+    except ValueError as exc:
+        raise InjectionError(str(exc) + ".", "write NAME=VALUE pairs, e.g. 'down_blocks=0.5, "
+                             "up_blocks.1.motion_modules.0=1'.", "alpha_overrides") from exc
+    return {k: per_layer.get(k, None if alpha < 0 else alpha) for k in keys}
 
 
 def frames_per_video(batch: int, cond_or_uncond: list[int] | None) -> int:

@@ -285,6 +285,21 @@ class AlphaBlender(nn.Module):
         return a * z_spatial + (1 - a) * z_temporal
 
 
+# The layer kinds a user can train, by the name the node's combo and the command line show
+# (the command line also takes them without spaces: ``attention+conv``).
+LAYER_KINDS: dict[str, tuple[str, ...]] = {"attention + conv": ("attention", "conv"), "attention": ("attention",),
+                                           "conv": ("conv",)}
+
+
+def layer_kinds(name: str) -> tuple[str, ...]:
+    """The kinds for a :data:`LAYER_KINDS` name, spaces ignored; ValueError naming the choices."""
+    by_plain = {k.replace(" ", ""): v for k, v in LAYER_KINDS.items()}
+    try:
+        return by_plain[name.replace(" ", "")]
+    except KeyError:
+        raise ValueError(f"unknown layer kinds '{name}'; use one of {list(LAYER_KINDS)}") from None
+
+
 class TemporalLayer(nn.Module):
     """One slot after a spatial block: temporal attention and/or 3D conv, then the alpha blend.
 

@@ -294,7 +294,7 @@ def kl_equal_covariance(n: int = 20000, steps: int = 200, seed: int = 0) -> list
 
 
 def kl_unequal_covariance(n: int = 20000, steps: int = 60, seed: int = 0) -> list[dict]:
-    """Stds 1 and 0.3, means 0 and 4 (design.md's example): sampler law vs geometric target."""
+    """Stds 1 and 0.3, means 0 and 4 (docs/design.md's example): sampler law vs geometric target."""
     pub, priv = Mixture.gaussian([0.0, 0.0], 1.0), Mixture.gaussian([4.0, 0.0], 0.09)
     sig = karras_sigmas(steps)
     out = []

@@ -3,7 +3,7 @@
 The loss check is on a fixed evaluation set (fixed seed, fixed noise, four fixed sigmas
 spread over the model's table), before and after training, on a synthetic clip: a square
 moving across 8 frames. CI-cheap sizes: 32x32 px (4x4 latents), 4-frame windows, 10 steps
-at lr 1e-2; the same check at 64x64 is a figure in README.md, section "Training temporal layers".
+at lr 1e-2; the same check at 64x64 is a figure in docs/temporal.md, section "Training temporal layers".
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """CPR on exact-answer toys (2-D Gaussians / mixtures with closed-form denoisers).
 
-Tolerances are the ones stated in README.md, section "CPR"; the full-size figures come from
+Tolerances are the ones stated in docs/cpr.md; the full-size figures come from
 ``python -m compartments validate cpr``. Sizes here are cut to keep the tier CPU-cheap.
 """
 
@@ -40,7 +40,7 @@ def test_kl_equal_covariance_hits_the_geometric_target(method: str) -> None:
     assert (m - em).abs().max() < 4 * (torch.diagonal(ec).max().sqrt() / N**0.5)
     assert (c - ec).abs().max() < 0.05
     # exact law vs the geometric target: the geometric mix is exact here; what is left is the
-    # N(0, sigma_max^2) start and the step count (README.md, section "CPR": <= 0.02 mean, <= 0.12 cov at 100 steps)
+    # N(0, sigma_max^2) start and the step count (docs/cpr.md: <= 0.02 mean, <= 0.12 cov at 100 steps)
     assert (em - tm).abs().max() < 0.02
     assert (ec - tc).abs().max() < 0.12
     # and the sample itself lands on the target
@@ -56,7 +56,7 @@ def test_kl_unequal_covariance_matches_its_exact_law_and_reports_the_gap() -> No
     x = toy.sample(toy.kl_denoiser(pub, priv, 0.5), N, sig, torch.Generator().manual_seed(0), "euler")
     m, c = toy.moments(x)
     assert (m - em).abs().max() < 0.03 and (c - ec).abs().max() < 0.03
-    assert abs(float(om[0]) - 2.74) < 0.01  # design.md's measured sampler mean
+    assert abs(float(om[0]) - 2.74) < 0.01  # docs/design.md's measured sampler mean
     assert abs(float(tm[0]) - 3.67) < 0.01  # ... and its geometric target: the gap is real
     assert abs(float(em[0]) - float(om[0])) < 0.05  # Euler at 60 steps is near the ODE limit
 

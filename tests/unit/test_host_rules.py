@@ -1,4 +1,4 @@
-"""Forward-compatibility rules of design.md, checked over the source of the pack, its tests,
+"""Forward-compatibility rules of docs/design.md, checked over the source of the pack, its tests,
 benchmarks and scripts (the runtime half of each rule is proved in tests/comfy/test_host.py):
 
 - only ``comfy_api.latest`` public names are imported (never ``comfy_api.internal``, a private

@@ -172,3 +172,37 @@ def test_runtime_dependencies_are_what_the_pack_imports():
     reqs = {line.split(">")[0].strip().lower() for line in (ROOT / "requirements.txt").read_text().splitlines()
             if line.strip() and not line.startswith("#")}
     assert reqs == declared
+
+
+def test_only_the_translation_names_nodes_in_errors():
+    """nodes/ builds ComfyUI's InputError in one place (_host.translated, from the node's schema);
+    node modules raise the pack's one error type (BadInput or a room's CompartmentsError) without
+    a hand-written node name."""
+    builders = []
+    for path in sorted((ROOT / "nodes").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+                if name == "InputError":
+                    builders.append(f"{path.name}:{node.lineno}")
+    assert builders == [next(b for b in builders if b.startswith("_host.py"))], builders
+
+
+def test_no_node_module_spells_a_node_name_outside_its_schema():
+    """A node's id and display name are written once, in define_schema; messages take them from there."""
+    names, literals = set(), []
+    for path in sorted((ROOT / "nodes").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        in_schema = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "Schema":
+                for kw in node.keywords:
+                    if kw.arg in ("node_id", "display_name") and isinstance(kw.value, ast.Constant):
+                        names.add(kw.value.value)
+                        in_schema.add(id(kw.value))
+        literals += [(path.name, n.lineno, n.value) for n in ast.walk(tree)
+                     if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in in_schema]
+    assert len(names) > 20
+    # nodes/__init__.py's NEEDS_NEWER_V3 is a registry keyed by node id (read without ComfyUI), not a message
+    offenders = [f"{f}:{line}: {v!r}" for f, line, v in literals if v in names and f != "__init__.py"]
+    assert not offenders, offenders

@@ -56,3 +56,46 @@ def test_motion_slot_handler_matches_direct_layer_call_and_keeps_dtype() -> None
     assert apply(("output", 9), x, 3, None) is x  # no layer there
     with pytest.raises(ValueError, match="unknown layers"):
         make_apply(mm, {"nope": 0.5})
+
+
+def test_injection_checker_names_the_input_and_the_fix() -> None:
+    """Apply Temporal Layers' checks, pure: each refusal carries the input and a fix; a good
+    setting returns every layer's alpha (None = the layer's own)."""
+    from compartments.errors import CompartmentsError
+    from compartments.temporal.inject import check_injection
+
+    with torch.device("meta"):
+        module = MotionModule(TINY_SD15, max_frames=32)
+    unet = layout_of_unet(320, [1, 2], [1, 1])
+    keys = [s.key for s in module.layout.slots]
+    assert check_injection(module, unet, 16) == dict.fromkeys(keys)
+    assert set(check_injection(module, unet, 16, alpha=0.5).values()) == {0.5}
+    per = check_injection(module, unet, 16, alpha_overrides=f"{keys[0]}=1")
+    assert per[keys[0]] == 1.0 and per[keys[1]] is None
+    cases = [
+        ({"frame_count": 0}, "frame_count", "at least 1"),
+        ({"frame_count": 40}, "frame_count", "native 32"),
+        ({"frame_count": 4, "context_length": 8, "context_overlap": 2}, "frame_count", "fewer than context_length"),
+        ({"frame_count": 64, "context_length": 40, "context_overlap": 2}, "context_length", "native 32"),
+        ({"frame_count": 20, "context_length": 8, "context_overlap": 8}, "context_overlap", "smaller than"),
+        ({"frame_count": 20, "context_length": -1}, "context_length", r"0 \(off\)"),
+        ({"frame_count": 16, "context_blend": "sideways"}, "context_blend", "unknown"),
+        ({"frame_count": 16, "alpha": 1.5}, "alpha", "outside 0..1"),
+        ({"frame_count": 16, "alpha_overrides": "sideways=0.3"}, "alpha_overrides", "matches no temporal layer"),
+    ]
+    for kwargs, field, text in cases:
+        with pytest.raises(CompartmentsError, match=text) as err:
+            check_injection(module, unet, **kwargs)
+        assert err.value.field == field, (kwargs, err.value.field)
+    with pytest.raises(CompartmentsError, match="sd15") as err:
+        check_injection(module, SDXL, 16)
+    assert err.value.field == "temporal_layers" and "SDXL" in err.value.fix
+
+
+def test_one_table_of_layer_kinds() -> None:
+    from compartments.temporal.layers import LAYER_KINDS, layer_kinds
+
+    assert layer_kinds("attention + conv") == layer_kinds("attention+conv") == ("attention", "conv")
+    assert all(layer_kinds(name) == kinds for name, kinds in LAYER_KINDS.items())
+    with pytest.raises(ValueError, match="unknown layer kinds"):
+        layer_kinds("lstm")
