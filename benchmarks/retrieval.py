@@ -8,7 +8,7 @@ figures isolate the index. One JSON line per figure:
     python benchmarks/retrieval.py --dim 768 --threads 2
     python benchmarks/retrieval.py --huge-images 6         # peak RSS of a build from 6000x6000 PNGs
 
-Backends: ``faiss`` = the store's FaissIndex (IndexIDMap over IndexFlatIP, exact), ``numpy``
+Backends: ``faiss`` = the store's FaissIndex (IndexFlatIP on normalised vectors, exact), ``numpy``
 = NumpyIndex (a matmul + argpartition, the brute-force reference). Forget and open are
 measured on a real ImageStore filled through its write path with the same random vectors.
 """

@@ -2,12 +2,16 @@
 
 open_clip embeddings (:mod:`.embed`), a vector index behind a small protocol
 (:mod:`.index`, faiss by default) and SQLite metadata with public/private flags and exact
-forgetting (:mod:`.store`). No ComfyUI imports here.
+forgetting (:mod:`.store`, with its vector file :mod:`.slots`); the backend-neutral parts are
+:mod:`.items` (what a store returns and raises), :mod:`.images` and :mod:`.credits`. No
+ComfyUI imports here.
 """
 
+from .credits import attribution, parse_refs
 from .embed import Embedder, EmbedderError
 from .index import FaissIndex, NumpyIndex, VectorIndex
-from .store import AddReport, Hit, ImageStore, Item, StoreError, attribution, build_or_update, parse_refs
+from .items import AddReport, Hit, Item, StoreError
+from .store import ImageStore, build_or_update
 
 __all__ = ["AddReport", "Embedder", "EmbedderError", "FaissIndex", "Hit", "ImageStore", "Item",
            "NumpyIndex", "StoreError", "VectorIndex", "attribution", "build_or_update", "parse_refs"]

@@ -1,32 +1,28 @@
 """Vector indexes behind one small protocol, so the store never depends on a backend.
 
-The image store talks to its index only through :class:`VectorIndex` (add, remove, search,
-save, load, copy). :class:`FaissIndex` is the shipped backend: faiss ``IndexIDMap`` over
-``IndexFlatIP`` on L2-normalised vectors, so the inner product is the cosine similarity and
-search is exact. The ids are the SQLite row ids of the store, which is what lets "forget"
-delete exactly one vector. :class:`NumpyIndex` is the brute-force reference the tests and the
-benchmark compare faiss against. A store that outgrows one machine implements the same five
-methods over a server-side engine (README.md, section "Retrieval store").
+The image store builds its index from ``vectors.f32`` on open (``backend(dim)``, then ``add``)
+and talks to it only through :class:`VectorIndex` (add, remove, search); the vectors persist in
+the slot file, never in an index file. :class:`FaissIndex` is the shipped backend: faiss ``IndexFlatIP`` on
+L2-normalised vectors, so the inner product is the cosine similarity and search is exact. The
+ids are the SQLite row ids of the store, which is what lets "forget" delete exactly one
+vector. :class:`NumpyIndex` is the brute-force reference the tests and the benchmark compare
+faiss against. A store that outgrows one machine implements the same three methods over a
+server-side engine (docs/retrieval.md).
 """
 
 from __future__ import annotations
 
 import heapq
-from pathlib import Path
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ..atomic import replacing
-
 
 @runtime_checkable
 class VectorIndex(Protocol):
-    """What the store needs from a k-nearest-neighbour index over unit vectors."""
-
-    dim: int
-
-    def __len__(self) -> int: ...
+    """What the store needs from a k-nearest-neighbour index over unit vectors (built empty
+    from ``dim``: see :data:`BACKENDS`)."""
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Insert ``vectors`` [n, dim] float32 under int64 ``ids`` (ids unique, never reused)."""
@@ -39,15 +35,6 @@ class VectorIndex(Protocol):
 
         ``allowed`` restricts the candidates to those ids (the visibility filter).
         """
-
-    def ids(self) -> np.ndarray:
-        """Every id held, int64."""
-
-    def copy(self) -> VectorIndex:
-        """An independent copy (writes build the next version on a copy, never in place)."""
-
-    def save(self, path: Path) -> None:
-        """Write to ``path`` atomically (temp file + ``os.replace``)."""
 
 
 def _as_vectors(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -142,39 +129,6 @@ class FaissIndex:
     def ids(self) -> np.ndarray:
         return np.fromiter(self._pos_of, dtype=np.int64, count=len(self._pos_of))
 
-    def vectors(self, ids: np.ndarray) -> np.ndarray:
-        """The stored vectors of these ids [n, dim] (a copy)."""
-        rows = self._rows()
-        return np.stack([rows[self._pos_of[x]] for x in _as_ids(ids).tolist()]) if len(ids) else \
-            np.zeros((0, self.dim), dtype=np.float32)
-
-    def copy(self) -> FaissIndex:
-        out = FaissIndex(self.dim)
-        out.index = self._faiss.clone_index(self.index)
-        out._pos_ids, out._pos_of, out._free = self._pos_ids.copy(), dict(self._pos_of), list(self._free)
-        return out
-
-    def save(self, path: Path) -> None:
-        """Write the live vectors, compacted, as a faiss IndexIDMap(IndexFlatIP) file."""
-        faiss = self._faiss
-        ids = self.ids()
-        out = faiss.IndexIDMap(faiss.IndexFlatIP(self.dim))
-        if len(ids):
-            out.add_with_ids(self.vectors(ids), ids)
-        with replacing(path) as tmp:
-            faiss.write_index(out, str(tmp))
-
-    @classmethod
-    def load(cls, path: Path) -> FaissIndex:
-        import faiss
-
-        stored = faiss.read_index(str(path))
-        out = cls(stored.d)
-        if stored.ntotal:
-            ids = faiss.vector_to_array(stored.id_map).astype(np.int64)
-            out.add(ids, stored.index.reconstruct_n(0, stored.ntotal))
-        return out
-
 
 class NumpyIndex:
     """Brute-force reference: a dense matrix and a matmul. Exact, O(n) per query, no deps."""
@@ -223,25 +177,6 @@ class NumpyIndex:
     def ids(self) -> np.ndarray:
         return self._ids.copy()
 
-    def copy(self) -> NumpyIndex:
-        out = NumpyIndex(self.dim)
-        out._ids, out._vecs = self._ids.copy(), self._vecs.copy()
-        return out
 
-    def save(self, path: Path) -> None:
-        from safetensors.numpy import save_file
-
-        with replacing(path) as tmp:
-            save_file({"ids": self._ids, "vectors": self._vecs}, str(tmp), metadata={"dim": str(self.dim)})
-
-    @classmethod
-    def load(cls, path: Path) -> NumpyIndex:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as fh:
-            out = cls(int(fh.metadata()["dim"]))
-            out._ids, out._vecs = fh.get_tensor("ids"), fh.get_tensor("vectors")
-        return out
-
-
-BACKENDS: dict[str, type] = {"faiss": FaissIndex, "numpy": NumpyIndex}
+BACKENDS: dict[str, Callable[[int], VectorIndex]] = {"faiss": FaissIndex, "numpy": NumpyIndex}
+"""The index a store's config names (``backend``), made empty for its ``dim``."""

@@ -33,20 +33,25 @@ Forgetting is exact: the row is deleted (``secure_delete``: SQLite overwrites it
 zeroed on disk and in memory, the id never reused (AUTOINCREMENT), the copy deleted, and the
 content hash kept in a ``forgotten`` table so the same bytes are not silently re-added by a
 later folder rebuild.
+
+Modules: this one is the SQLite + faiss backend (the schema, the transactions, the folder's
+writer lock and :class:`ImageStore`), with :mod:`.slots` (``vectors.f32``) and :mod:`.index`
+(the in-memory index). What does not depend on the backend lives beside it, for a second one
+to share: :mod:`.items` (Item, Hit, AddReport, StoreError), :mod:`.images` (decoding, hashing,
+the copies) and :mod:`.credits` (the credit record and the references read from it).
 """
 
 from __future__ import annotations
 
 import heapq
-import io
 import json
 import os
 import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 try:
@@ -59,19 +64,30 @@ except ImportError:  # Windows
 import numpy as np
 import torch
 
-from ..atomic import sweep_stale, write_bytes
-from ..errors import CompartmentsError
+from ..atomic import sweep_stale
+from .credits import attribution, check_ref, parse_refs
 from .embed import Embedder
+from .images import copies_written, copy_name, decode_image, fit, probe_image, sha256_hex, unreadable
 from .index import BACKENDS, VectorIndex
+from .items import FILTERS, VISIBILITIES, AddReport, Hit, Item, Progress, StoreError
+from .slots import SlotFile
+
+# This module's names, plus those of .items/.credits/.images that nodes/ and cli/ import from here.
+__all__ = ["DB_NAME", "EMBED_BATCH", "EMBED_SIDE", "FILTERS", "FORMAT_VERSION", "IMAGE_DIR", "VECTORS_NAME",
+           "VISIBILITIES", "AddReport", "Hit", "ImageStore", "Item", "StoreError", "attribution",
+           "build_or_update", "decode_image", "parse_refs", "store_revision"]
 
 FORMAT_VERSION = 2
-VISIBILITIES = ("private", "public")
-FILTERS = ("private", "public", "all")
 DB_NAME = "meta.sqlite"
 IMAGE_DIR = "images"
 VECTORS_NAME = "vectors.f32"
+LOCK_NAME = "write.lock"
 
-Progress = Callable[[int, int], None]
+# Embedding needs far less than a 6000x6000 photo (open_clip sees 224 px): images are decoded
+# for it at most this long on a side, one batch at a time, so a folder of huge images costs one
+# batch of small ones in memory. The stored copy keeps the original bytes.
+EMBED_SIDE = 1024
+EMBED_BATCH = 16
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items(
@@ -92,181 +108,75 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
-class StoreError(CompartmentsError):
-    """A user-facing store problem. ``field`` names the argument at fault, ``fix`` what to do."""
+# -- SQLite transactions and the folder's writer lock (this backend's concurrency) ----------
+@contextmanager
+def _transaction(db: sqlite3.Connection, write: bool = True,
+                 undo: Callable[[], None] | None = None) -> Iterator[None]:
+    """One SQLite transaction around the block: COMMIT when it ends, ROLLBACK (then ``undo``) if
+    the block or the commit raises, Cancel included.
 
-
-@dataclass(frozen=True)
-class Item:
-    """One stored image (metadata only)."""
-
-    id: int
-    sha256: str
-    path: str
-    owner: str
-    visibility: str
-    added: float
-    width: int
-    height: int
-    file: str
-
-
-@dataclass(frozen=True)
-class Hit(Item):
-    """A query result: the item and its cosine similarity to the query."""
-
-    score: float = 0.0
-
-
-@dataclass
-class AddReport:
-    """What an add did: ids added (in input order) and every skipped file with its reason."""
-
-    added: list[int] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {"added": self.added, "skipped": [{"path": p, "reason": r} for p, r in self.skipped]}
-
-
-# Embedding needs far less than a 6000x6000 photo (open_clip sees 224 px): images are decoded
-# for it at most this long on a side, one batch at a time, so a folder of huge images costs one
-# batch of small ones in memory. The stored copy keeps the original bytes.
-EMBED_SIDE = 1024
-EMBED_BATCH = 16
-
-
-def _unreadable(exc: Exception) -> str:
-    """The skip reason for image bytes PIL cannot decode."""
-    why = "unrecognised format" if type(exc).__name__ == "UnidentifiedImageError" else str(exc)
-    return f"not a readable image: {why}"
-
-
-def probe_image(data: bytes) -> tuple[str, int, int]:
-    """(PIL format, width, height) of image bytes, without decoding the pixels. Raises on
-    corrupt/truncated/non-image data (``verify()`` catches truncation even when another part of
-    the process, ComfyUI's loader, has set ``ImageFile.LOAD_TRUNCATED_IMAGES``)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as probe:
-        fmt, (w, h) = probe.format or "PNG", probe.size
-        probe.verify()
-    return fmt, w, h
-
-
-def decode_image(data: bytes, max_side: int | None = None) -> tuple[torch.Tensor, str]:
-    """Bytes -> ([H, W, 3] float 0..1, PIL format); with ``max_side``, downscaled (aspect kept)
-    so no side exceeds it. Raises on corrupt/truncated/non-image data."""
-    from PIL import Image, ImageOps
-
-    fmt = probe_image(data)[0]
-    with Image.open(io.BytesIO(data)) as img:
-        if max_side:
-            img.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale directly
-        img.load()
-        img = ImageOps.exif_transpose(img).convert("RGB")
-        if max_side and max(img.size) > max_side:
-            img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-        arr = np.asarray(img, dtype=np.uint8).copy()
-    return torch.from_numpy(arr).float().div_(255.0), fmt
-
-
-def _fit(img: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Cover-resize and centre-crop [H, W, 3] to [h, w, 3] (batches need one size)."""
-    import torch.nn.functional as F
-
-    if img.shape[0] == h and img.shape[1] == w:
-        return img
-    ih, iw = img.shape[:2]
-    scale = max(h / ih, w / iw)
-    nh, nw = max(h, round(ih * scale)), max(w, round(iw * scale))
-    x = F.interpolate(img.permute(2, 0, 1)[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
-    top, left = (nh - h) // 2, (nw - w) // 2
-    return x[0, :, top:top + h, left:left + w].permute(1, 2, 0).clamp(0, 1)
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
-
-
-class SlotFile:
-    """Vectors on disk in fixed-size slots: slot ``s`` is ``dim`` float32 at byte ``s * dim * 4``.
-
-    Writing or zeroing one slot touches ``dim * 4`` bytes in place and never moves another
-    slot, which is what makes forget O(1) in I/O. Every write is followed by an fsync.
+    ``write``: BEGIN IMMEDIATE, SQLite's write lock taken at once, so what the block reads (the
+    generation, the free slots) cannot change before its writes commit. Otherwise a deferred
+    BEGIN: one read snapshot, a shared lock from the first SELECT to the end. ``undo`` reverts
+    what the block changed outside SQLite (slots taken in memory and on disk).
     """
+    db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        if undo is not None:
+            undo()
+        raise
 
-    def __init__(self, path: Path, dim: int):
-        self.path, self.dim, self.row = Path(path), int(dim), int(dim) * 4
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
 
-    def __len__(self) -> int:
-        return os.fstat(self.fd).st_size // self.row
+def sweep_abandoned_builds(folder: Path) -> None:
+    """Remove the ``.NAME.PID.building`` / ``.creating`` folders (copies of images) that first
+    builds and creations killed mid-way left in ``folder``; a live process's are kept."""
+    for suffix in (".building", ".creating"):
+        sweep_stale(folder, suffix)
 
-    def read_all(self) -> np.ndarray:
-        """Every slot as a read-only memory map [slots, dim] (empty file: a [0, dim] array)."""
-        n = len(self)
-        if n == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return np.memmap(self.path, dtype=np.float32, mode="r", shape=(n, self.dim))
 
-    def read(self, slots: Sequence[int]) -> np.ndarray:
-        out = np.zeros((len(slots), self.dim), dtype=np.float32)
-        for j, s in enumerate(slots):
-            data = os.pread(self.fd, self.row, int(s) * self.row)
-            if len(data) == self.row:
-                out[j] = np.frombuffer(data, dtype=np.float32)
-        return out
+@contextmanager
+def _writer_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
+    """A cross-process lock on ``<store>/write.lock`` (flock; released if the process dies).
 
-    def _pwrite_all(self, data: bytes, offset: int) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
-
-    def _put(self, slots: Sequence[int], data: Callable[[int, int], bytes]) -> None:
-        """``data(j, e)`` into slots[j:e] for each run of consecutive slots, then one fsync."""
-        j = 0
-        while j < len(slots):
-            e = j + 1
-            while e < len(slots) and slots[e] == slots[e - 1] + 1:
-                e += 1
-            self._pwrite_all(data(j, e), int(slots[j]) * self.row)
-            j = e
-        os.fsync(self.fd)
-
-    def write(self, slots: Sequence[int], vectors: np.ndarray) -> None:
-        """Write ``vectors[j]`` into ``slots[j]``, then fsync."""
-        v = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(slots), self.dim)
-        self._put(list(slots), lambda j, e: v[j:e].tobytes())
-
-    def zero(self, slots: Sequence[int]) -> None:
-        """Overwrite these slots with zeros in place, then fsync (the vector's bytes are gone)."""
-        if len(slots):
-            self._put(list(slots), lambda j, e: bytes((e - j) * self.row))
-
-    def truncate(self, slots: int) -> None:
-        os.ftruncate(self.fd, int(slots) * self.row)
-        os.fsync(self.fd)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> SlotFile:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+    Yields True when held; with ``blocking=False`` yields False at once if another process holds it.
+    """
+    try:
+        lock = open(path / LOCK_NAME, "a+b")  # noqa: SIM115 - closed below
+    except OSError:
+        if blocking:
+            raise
+        yield False  # a read-only store: nobody can be writing copies into it through us
+        return
+    try:
+        try:
+            if fcntl is not None:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            else:  # Windows
+                msvcrt.locking(lock.fileno(), msvcrt.LK_LOCK if blocking else msvcrt.LK_NBLCK, 1)
+        except OSError:
+            if blocking:
+                raise
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            if fcntl is not None:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+            else:
+                msvcrt.locking(lock.fileno(), msvcrt.LK_UNLCK, 1)
+    finally:
+        lock.close()
 
 
 class ImageStore:
     """An on-disk image store folder; see the module docstring for the API and guarantees."""
 
-    def __init__(self, path: str | Path, embedder: Embedder | None = None):
+    def __init__(self, path: str | Path, embedder: Embedder | None = None) -> None:
         self.path = Path(path)
         db = self.path / DB_NAME
         if not db.is_file():
@@ -324,11 +234,10 @@ class ImageStore:
             db.executescript(_SCHEMA)
             config = {"format_version": FORMAT_VERSION, "backend": backend, "created": time.time(),
                       "model": embedder.describe(), "dim": embedder.dim}
-            db.execute("BEGIN")
-            db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)",
-                           [("config", json.dumps(config)), ("generation", "0"), ("revision", "0")])
-            (tmp / VECTORS_NAME).touch()
-            db.execute("COMMIT")
+            with _transaction(db):
+                db.executemany("INSERT INTO meta(key, value) VALUES (?, ?)",
+                               [("config", json.dumps(config)), ("generation", "0"), ("revision", "0")])
+                (tmp / VECTORS_NAME).touch()
             db.close()
             os.replace(tmp, path)
         finally:
@@ -358,10 +267,8 @@ class ImageStore:
         commit, or during an add) are zeroed; a free tail is truncated; live slots whose vector
         is missing or not a unit vector are re-embedded from the stored copies.
         """
-        own = not self.db.in_transaction
-        if own:
-            self.db.execute("BEGIN IMMEDIATE")
-        try:
+        own = not self.db.in_transaction  # called by a write (add, forget: _sync): join its transaction
+        with _transaction(self.db) if own else nullcontext():
             gen = self.generation
             rows = self.db.execute("SELECT id, slot FROM items ORDER BY id").fetchall()
             ids = np.array([r[0] for r in rows], dtype=np.int64)
@@ -389,12 +296,6 @@ class ImageStore:
             free = np.setdiff1d(np.arange(top, dtype=np.int64), slots).tolist()
             index = self.backend(self.dim)
             index.add(ids, vecs)
-            if own:
-                self.db.execute("COMMIT")
-        except BaseException:
-            if own:
-                self.db.execute("ROLLBACK")
-            raise
         heapq.heapify(free)
         self.index, self._free, self._nslots, self._gen = index, free, top, gen
         if own:  # inside a write, copies of the add in progress exist but have no row yet
@@ -456,7 +357,7 @@ class ImageStore:
     def __enter__(self) -> ImageStore:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __len__(self) -> int:
@@ -521,7 +422,7 @@ class ImageStore:
             except OSError as exc:
                 report.skipped.append((str(f), f"unreadable: {exc.strerror or exc}"))
                 continue
-            sha = _sha256(data)
+            sha = sha256_hex(data)
             if sha in known:
                 report.skipped.append((str(f), "duplicate: already in the store"))
                 continue
@@ -531,32 +432,19 @@ class ImageStore:
             try:
                 fmt, width, height = probe_image(data)
             except Exception as exc:  # PIL raises many types for bad data; each is a skip, not a crash
-                report.skipped.append((str(f), _unreadable(exc)))
+                report.skipped.append((str(f), unreadable(exc)))
                 continue
             known.add(sha)
-            ext = {"JPEG": "jpg"}.get(fmt, fmt.lower())
             staged.append({"sha": sha, "path": str(f), "data": data, "width": width, "height": height,
-                           "file": f"{IMAGE_DIR}/{sha}.{ext}"})
+                           "file": f"{IMAGE_DIR}/{copy_name(sha, fmt)}"})
         staged, vecs = self._embed_staged(staged, progress, report)
         if not staged:
             return report
-        written: list[Path] = []
         # From the first copy to the commit naming it, hold the store's writer lock: another
         # process opening the store then leaves the copies alone (its clean-up waits for a
-        # moment when no writer is between the two).
-        with _writer_lock(self.path):
-            try:
-                for s in staged:
-                    dst = self.path / s["file"]
-                    if not dst.exists():
-                        write_bytes(dst, s["data"])
-                        written.append(dst)
-                new_ids = self._insert(staged, vecs, owner, visibility)
-            except BaseException:
-                for p in written:
-                    p.unlink(missing_ok=True)
-                raise
-        report.added = new_ids
+        # moment when no writer is between the two). A failed add deletes the copies it wrote.
+        with _writer_lock(self.path), copies_written(self.path, [(s["file"], s["data"]) for s in staged]):
+            report.added = self._insert(staged, vecs, owner, visibility)
         return report
 
     def _embed_staged(self, staged: list[dict], progress: Progress | None,
@@ -575,7 +463,7 @@ class ImageStore:
                     pixels.append(decode_image(s["data"], EMBED_SIDE)[0])
                     batch.append(s)
                 except Exception as exc:  # as in add_files: every decoding failure is a skip
-                    report.skipped.append((s["path"], _unreadable(exc)))
+                    report.skipped.append((s["path"], unreadable(exc)))
             if pixels:
                 out.append(self.embedder.embed_images(pixels, batch_size=EMBED_BATCH))
                 kept += batch
@@ -588,9 +476,8 @@ class ImageStore:
         """One transaction: vectors into free slots (fsynced), then the rows naming them, commit."""
         now = time.time()
         new_ids: list[int] = []
-        self.db.execute("BEGIN IMMEDIATE")
-        old_nslots, slots = self._nslots, []
-        try:
+        old_nslots, slots = self._nslots, []  # what undo reads when it runs: the values set below
+        with _transaction(self.db, undo=lambda: self._release_slots(slots, old_nslots)):
             self._sync()
             old_nslots = self._nslots
             slots = self._take_slots(len(staged))
@@ -605,11 +492,6 @@ class ImageStore:
             self.db.execute(f"DELETE FROM forgotten WHERE sha256 IN ({','.join('?' * len(staged))})",
                             [s["sha"] for s in staged])
             self._bump(vectors=True)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            self._release_slots(slots, old_nslots)
-            raise
         self._gen += 1
         try:
             self.index.add(np.array(new_ids, dtype=np.int64), vecs)
@@ -618,19 +500,8 @@ class ImageStore:
             raise
         return new_ids
 
-    @staticmethod
-    def _check_ref(ref: int | str, field_name: str) -> int | str:
-        """An id (int) or a lower-case sha256 prefix (str, 8+ hex); anything else is an error."""
-        if isinstance(ref, (int, np.integer)) or (isinstance(ref, str) and ref.strip().isdigit()):
-            return int(ref)
-        ref = str(ref).strip().lower()
-        if len(ref) < 8 or len(ref) > 64 or any(c not in "0123456789abcdef" for c in ref):
-            raise StoreError(f"'{ref}' is neither an id nor a sha256 (hex, 8+ characters).",
-                             "give numeric ids or sha256 hashes (see List Image Store).", field_name)
-        return ref
-
     def _exists(self, ref: int | str) -> bool:
-        ref = self._check_ref(ref, "ids")
+        ref = check_ref(ref, "ids")
         if isinstance(ref, int):
             return self.db.execute("SELECT 1 FROM items WHERE id=?", (ref,)).fetchone() is not None
         return self.db.execute("SELECT 1 FROM items WHERE sha256 >= ? AND sha256 < ? LIMIT 1",
@@ -640,7 +511,7 @@ class ImageStore:
         """Ids or sha256 hex strings (full, or a unique prefix of 8+) -> existing row ids."""
         out: list[int] = []
         for raw in refs:
-            ref = self._check_ref(raw, field_name)
+            ref = check_ref(raw, field_name)
             if isinstance(ref, int):
                 row = self.db.execute("SELECT id FROM items WHERE id=?", (ref,)).fetchone()
                 if row is None:
@@ -676,8 +547,7 @@ class ImageStore:
         ids = self._resolve(refs, "ids")
         items = self.get(ids)
         now, marks = time.time(), ",".join("?" * len(ids))
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(self.db):
             self._sync()
             slots = [r[0] for r in self.db.execute(f"SELECT slot FROM items WHERE id IN ({marks})", ids)]
             if len(slots) != len(ids):
@@ -687,10 +557,6 @@ class ImageStore:
             self.db.executemany("INSERT OR REPLACE INTO forgotten(sha256, at) VALUES (?, ?)",
                                 [(it.sha256, now) for it in items])
             self._bump(vectors=True)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         # committed: from here on the items are gone; finish the O(1) clean-up
         self._gen += 1
         self.index.remove(np.array(ids, dtype=np.int64))
@@ -713,14 +579,9 @@ class ImageStore:
             raise StoreError(f"visibility '{visibility}' is not one of {VISIBILITIES}.", "", "visibility")
         ids = self._resolve(refs, "ids")
         marks = ",".join("?" * len(ids))
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(self.db):
             self.db.execute(f"UPDATE items SET visibility=? WHERE id IN ({marks})", [visibility, *ids])
             self._bump(vectors=False)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         return ids
 
     # -- reads ----------------------------------------------------------------------------
@@ -814,12 +675,9 @@ class ImageStore:
             return self._query(text, image, k, visibility, owner)
         for _ in range(20):
             self._sync()  # under its own write lock: the index catches up with the rows
-            self.db.execute("BEGIN")  # deferred: a shared read lock from the first SELECT to the end
-            try:
+            with _transaction(self.db, write=False):  # one read snapshot for rows, index and items
                 if self.generation == self._gen:  # nothing was committed since: index and rows agree
                     return self._query(text, image, k, visibility, owner)
-            finally:
-                self.db.execute("COMMIT")  # read-only: ends the snapshot
         raise StoreError("the store kept changing while it was queried (other processes writing).",
                          "retry the query.", "store")
 
@@ -862,7 +720,7 @@ class ImageStore:
                                  "query again: it was forgotten.", "hits")
             imgs.append(decode_image(p.read_bytes())[0])
         th, tw = size or tuple(imgs[0].shape[:2])
-        return torch.stack([_fit(im, th, tw) for im in imgs])
+        return torch.stack([fit(im, th, tw) for im in imgs])
 
     def image_embeddings(self, ids: Sequence[int]) -> torch.Tensor:
         """Stored unit image embeddings [N, dim] float32 for these ids (in that order)."""
@@ -889,75 +747,6 @@ def store_revision(path: str | Path) -> int | None:
     except sqlite3.Error:
         return None
     return int(row[0]) if row else None
-
-
-def parse_refs(text: str) -> list[int | str]:
-    """Item references from user text: a JSON attribution record (``{"items": [{"id":..}]}``,
-    what Retrieve outputs), a JSON list, or ids / sha256 hashes separated by commas or spaces."""
-    text = (text or "").strip()
-    if not text:
-        return []
-    if text[0] in "[{":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise StoreError(f"ids look like JSON but do not parse: {exc}.", "", "ids") from exc
-        if isinstance(data, dict):
-            data = data.get("items", data.get("ids", []))
-        out: list[int | str] = []
-        for entry in data if isinstance(data, list) else [data]:
-            if isinstance(entry, dict):
-                entry = entry.get("id", entry.get("sha256"))
-            if isinstance(entry, bool) or not isinstance(entry, (int, str)):
-                raise StoreError(f"cannot read an item reference from {entry!r}.", "", "ids")
-            out.append(entry)
-        return out
-    return [int(t) if t.isdigit() else t for t in text.replace(",", " ").split()]
-
-
-LOCK_NAME = "write.lock"
-
-
-def sweep_abandoned_builds(folder: Path) -> None:
-    """Remove the ``.NAME.PID.building`` / ``.creating`` folders (copies of images) that first
-    builds and creations killed mid-way left in ``folder``; a live process's are kept."""
-    for suffix in (".building", ".creating"):
-        sweep_stale(folder, suffix)
-
-
-@contextmanager
-def _writer_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
-    """A cross-process lock on ``<store>/write.lock`` (flock; released if the process dies).
-
-    Yields True when held; with ``blocking=False`` yields False at once if another process holds it.
-    """
-    try:
-        lock = open(path / LOCK_NAME, "a+b")  # noqa: SIM115 - closed below
-    except OSError:
-        if blocking:
-            raise
-        yield False  # a read-only store: nobody can be writing copies into it through us
-        return
-    try:
-        try:
-            if fcntl is not None:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            else:  # Windows
-                msvcrt.locking(lock.fileno(), msvcrt.LK_LOCK if blocking else msvcrt.LK_NBLCK, 1)
-        except OSError:
-            if blocking:
-                raise
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            if fcntl is not None:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-            else:
-                msvcrt.locking(lock.fileno(), msvcrt.LK_UNLCK, 1)
-    finally:
-        lock.close()
 
 
 def build_or_update(path: str | Path, embedder: Embedder, folder: str | Path, owner: str = "",
@@ -991,13 +780,3 @@ def build_or_update(path: str | Path, embedder: Embedder, folder: str | Path, ow
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return ImageStore(path, embedder), report, True
-
-
-def attribution(hits: Sequence[Item], store: ImageStore | None = None) -> dict:
-    """The credit record for a set of retrieved items (what CPR writes into saved images)."""
-    out: dict = {"items": [{"id": h.id, "sha256": h.sha256, "owner": h.owner, "visibility": h.visibility,
-                            **({"score": round(h.score, 6)} if isinstance(h, Hit) else {})} for h in hits]}
-    if store is not None:
-        out["store"] = store.path.name
-        out["model"] = store.config["model"]["name"]
-    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from compartments.retrieval import cli
+from compartments.cli import retrieval as cli
 from compartments.tiny import retrieval as tiny_retrieval
 
 

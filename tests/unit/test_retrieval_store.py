@@ -18,7 +18,8 @@ from compartments.retrieval import (
     build_or_update,
     parse_refs,
 )
-from compartments.retrieval.store import DB_NAME, VECTORS_NAME, SlotFile
+from compartments.retrieval.slots import SlotFile
+from compartments.retrieval.store import DB_NAME, VECTORS_NAME
 from compartments.tiny import retrieval as tiny_retrieval
 
 
