@@ -4,24 +4,27 @@ Diffusion Soup (arXiv 2406.08431) averages the weights of models fine-tuned from
 on separate data shards; adding or removing (unlearning) a shard is a re-average with no
 training. Here that is done key by key: for each tensor the engine reads that one tensor
 from every member, accumulates, writes the result and moves on, so memory holds one output
-tensor (plus one read buffer per member) however large or many the checkpoints are.
+tensor (plus two read buffers per file read at once) however large or many the checkpoints are.
 
 Rules (see ``manifest.py`` for the exactness promise):
 soup = sum_i w_i theta_i / sum_i w_i; add: S' = S + w theta_new; remove j: S' = S - w_j theta_j,
 W' = W - w_j (weighted soups renormalise). Sums are accumulated in float64 when the running
 sum is stored (exactness), else in float32.
+
+Layout: every operation is one merge method, :class:`WeightedSum` (S = sum_i c_i x_i, written
+as S / W), over a plan saying which tensors each output key reads; ``pipeline.py`` streams
+any plan (threads, buffers, hashing, the atomic write), ``sums.py`` holds the arithmetic.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -29,10 +32,10 @@ import torch
 
 from ..errors import CompartmentsError
 from .manifest import META_KEY, SUM_PREFIX, UNET_PREFIX, Manifest, Member
-from .st import DTYPES, FLOATS, NAMES, Planned, Reader, SharedBuffer, atomic_writer
+from .pipeline import Output, Parts, Plan, Progress, Source, hash_header, stream
+from .st import DTYPES, FLOATS, NAMES, Planned, Reader
+from .sums import CHUNK, add_checked, axpy, chunks, fill, fits_f32, fp16_static, weights_exact
 
-Progress = Callable[[int, int], None] | None
-MANTISSA = {"F16": 11, "BF16": 8, "F32": 24, "F64": 53}
 OUT_DTYPES = {"same": None, "float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
 
@@ -136,117 +139,6 @@ def check_compatible(ref: Reader, other: Reader, keys: Sequence[str] | None = No
                 "Soup only checkpoints fine-tuned from the same base model.")
 
 
-def _hash_header(h, key: str, dtype: str, shape: tuple[int, ...]) -> None:
-    h.update(f"{key}|{dtype}|{list(shape)}|".encode())
-
-
-def _hash_update(h, key: str, dtype: str, shape: tuple[int, ...], raw: memoryview) -> None:
-    _hash_header(h, key, dtype, shape)
-    h.update(raw)
-
-
-def _weights_exact(weights: Sequence[float], dtypes: set[str]) -> bool:
-    """Products w*theta are exact in float64 and W is representable (float weights are dyadic)."""
-    mant = max(MANTISSA[d] for d in dtypes) if dtypes else 53
-    fr = [Fraction(w) for w in weights]
-    if any(f.numerator.bit_length() + mant > 53 for f in fr):
-        return False
-    total = sum(fr, Fraction(0))
-    return Fraction(float(total)) == total
-
-
-def _fp16_static(weights: Sequence[float], dtypes: set[str]) -> bool:
-    """fp16 values lie on a 2^-24 grid below 2^16: sums stay exact in float64 if sum|P_i| < 2^13."""
-    if dtypes != {"F16"}:
-        return False
-    fr = [Fraction(w) for w in weights]
-    q = max(f.denominator for f in fr)
-    return sum(abs(f * q) for f in fr) < 2 ** 13
-
-
-def _add(acc: torch.Tensor | None, x: torch.Tensor, check: bool) -> tuple[torch.Tensor, bool]:
-    """acc + x; with ``check``, Knuth's TwoSum tells whether the addition rounded."""
-    if acc is None:
-        return x.clone() if x.dtype == torch.float64 else x.to(torch.float64), True
-    s = acc + x
-    if not check:
-        return s, True
-    bb = s - acc
-    err = (acc - (s - bb)) + (x - bb)
-    return s, not bool(err.any()) and bool(torch.isfinite(s).all())
-
-
-CHUNK = 1 << 17  # elements per step: a float64 chunk (1 MiB) stays in cache; mixed-dtype ops run ~2x faster
-
-
-def _chunks(n: int) -> range:
-    return range(0, n, CHUNK)
-
-
-class _Workspace:
-    """One flat accumulator reused for every key: no fresh (page-faulting) allocation per tensor."""
-
-    def __init__(self, dtype: torch.dtype, numel: int):
-        self.buf = torch.empty(numel, dtype=dtype)
-        self.stage = torch.empty(CHUNK, dtype=torch.float32)  # per soup: safe if two soups run at once
-
-    def take(self, n: int) -> torch.Tensor:
-        return self.buf[:n]
-
-
-def _staged(x: torch.Tensor, i: int, a: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:
-    """Chunk i of x, widened to float32 first when a is float64 and x half precision.
-
-    Two cheap vectorised casts (f16->f32, then f32->f64 inside add) beat one direct
-    f16->f64 cast on CPUs; float32 holds every fp16/bf16 value exactly, so nothing changes.
-    """
-    c = x[i:i + CHUNK]
-    if a.dtype == torch.float64 and c.dtype in (torch.float16, torch.bfloat16):
-        st = stage[: c.numel()]
-        st.copy_(c)
-        return st
-    return c
-
-
-def _fill(a: torch.Tensor, x: torch.Tensor, weight: float, stage: torch.Tensor) -> None:
-    """a = weight * x, chunk by chunk (x may be any float dtype; a is the accumulator)."""
-    for i in _chunks(a.numel()):
-        a[i:i + CHUNK].copy_(_staged(x, i, a, stage))
-    if weight != 1.0:
-        a.mul_(weight)
-
-
-def _axpy(a: torch.Tensor, x: torch.Tensor, weight: float, stage: torch.Tensor) -> None:
-    """a += weight * x in place, chunk by chunk."""
-    for i in _chunks(a.numel()):
-        a[i:i + CHUNK].add_(_staged(x, i, a, stage), alpha=weight)
-
-
-def _fits_f32(a: torch.Tensor) -> bool:
-    """True when a float64 tensor survives a round trip through float32 unchanged."""
-    return all(torch.equal(a[i:i + CHUNK].to(torch.float32).to(torch.float64), a[i:i + CHUNK])
-               for i in _chunks(a.numel()))
-
-
-def _emit(w, key: str, a: torch.Tensor, total: float, dtype: str, keep_sum: bool) -> None:
-    """Write the running sum (if kept: float32 when exact, else float64), then sum/W in ``dtype``.
-
-    ``a`` is the flat accumulator; it is divided in place. Conversion and writing go chunk
-    by chunk so no second full-size tensor exists.
-    """
-    if keep_sum:
-        if a.dtype == torch.float64 and _fits_f32(a):
-            w.write_parts(SUM_PREFIX + key, "F32", (a[i:i + CHUNK].to(torch.float32) for i in _chunks(a.numel())))
-        else:
-            w.write_parts(SUM_PREFIX + key, NAMES[a.dtype], (a[i:i + CHUNK] for i in _chunks(a.numel())))
-    a.div_(total)
-    if a.numel() and not bool(torch.isfinite(a.sum())):  # one reduction: any inf/NaN makes the sum non-finite
-        raise SoupError(f"tensor {key}: the soup would hold inf/NaN values (a member holds them, or the weights "
-                        "overflow its dtype); nothing was written. Check the members with soup-info.")
-    out = DTYPES[dtype]
-    w.write_parts(key, dtype, (a[i:i + CHUNK].to(out) for i in _chunks(a.numel())))
-
-
 def read_manifest(path: str | os.PathLike) -> Manifest:
     with Reader(path) as r:
         text = r.metadata.get(META_KEY)
@@ -262,31 +154,97 @@ def content_id(path: str | os.PathLike, components: str = "unet") -> str:
         for k in sorted(r.entries):
             e = r.entries[k]
             if souped(k, e.dtype, components):
-                _hash_update(h, k, e.dtype, e.shape, r.raw(k))
+                hash_header(h, k, e.dtype, e.shape)  # as the pipeline hashes members while streaming
+                h.update(r.raw(k))
     return h.hexdigest()
 
 
-def _soup_threads(fn):
-    """Run ``fn`` with torch using the cores the reader and hasher threads leave free.
+# --- the merge method -------------------------------------------------------------------
 
-    The soup keeps one thread reading the next member and one hashing; giving torch every
-    core as well made the float64 accumulation several times slower on small machines
-    (measured: 0.46 -> 0.33 GiB/s on 2 cores). torch's setting is restored afterwards.
+
+@dataclass
+class WeightedSum:
+    """The one merge method: per key S = sum_i c_i x_i, written as S / ``total``.
+
+    ``coeffs`` holds one coefficient per tensor an output reads: build, the member weights;
+    add, 1 on the soup's running sum (or W on its averaged tensor) then +w; remove, the same
+    then -w_j. ``exact`` starts as what the weights allow and drops at the first addition that
+    rounds (TwoSum check), unless ``static`` proved them all exact up front (the fp16 grid).
     """
 
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        before = torch.get_num_threads()
-        torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - 2)))
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
+    coeffs: list[float]
+    total: float
+    keep_sum: bool  # write S (float32 when it holds S exactly) before the tensor
+    exact: bool
+    static: bool = False
+    acc_dtype: torch.dtype = torch.float64
+    stage: torch.Tensor = field(init=False, repr=False)
 
-    return run
+    def __post_init__(self) -> None:
+        self.stage = torch.empty(CHUNK, dtype=torch.float32)  # per soup: safe if two soups run at once
+
+    def __call__(self, out: Output, a: torch.Tensor, xs: Iterator[torch.Tensor]) -> Iterator[Parts]:
+        for i, (x, c) in enumerate(zip(xs, self.coeffs, strict=True)):
+            if i == 0:
+                fill(a, x, c, self.stage)
+            elif self.static or not self.exact:
+                axpy(a, x, c, self.stage)  # exact by the fp16 grid bound, or not promised
+            else:
+                y = x.to(a.dtype) * c if c != 1.0 else x.to(a.dtype)
+                summed, ok = add_checked(a, y)
+                a.copy_(summed)
+                del summed, y
+                self.exact = self.exact and ok
+        yield from self._emit(out, a)
+
+    def _emit(self, out: Output, a: torch.Tensor) -> Iterator[Parts]:
+        """The running sum if kept (float32 when exact, else float64), then S / total in ``out``'s dtype.
+
+        ``a`` is divided in place, after the sum is written (the writer drains each part
+        first), and conversion goes chunk by chunk, so no second full-size tensor exists.
+        """
+        n = a.numel()
+        if self.keep_sum:
+            if a.dtype == torch.float64 and fits_f32(a):
+                yield SUM_PREFIX + out.key, "F32", (a[i:i + CHUNK].to(torch.float32) for i in chunks(n))
+            else:
+                yield SUM_PREFIX + out.key, NAMES[a.dtype], (a[i:i + CHUNK] for i in chunks(n))
+        a.div_(self.total)
+        if n and not bool(torch.isfinite(a.sum())):  # one reduction: any inf/NaN makes the sum non-finite
+            raise SoupError(f"tensor {out.key}: the soup would hold inf/NaN values (a member holds them, or the weights "
+                            "overflow its dtype); nothing was written. Check the members with soup-info.")
+        dtype = out.writes[-1].dtype
+        yield out.key, dtype, (a[i:i + CHUNK].to(DTYPES[dtype]) for i in chunks(n))
 
 
-@_soup_threads
+# --- plans: what each output key reads --------------------------------------------------
+
+
+def _souped(key: str, reads: tuple[tuple[Source, ...], ...], dtype: str, shape: tuple[int, ...],
+            keep_sum: bool) -> Output:
+    # the sum goes first, planned float64 (it may shrink to float32): the tensor is then computed in place from it
+    sum_first = (Planned(SUM_PREFIX + key, "F64", shape),) if keep_sum else ()
+    return Output(key, reads, (*sum_first, Planned(key, dtype, shape)))
+
+
+def _plan(outputs: list[Output], metadata: dict[str, str], reserve: int) -> Plan:
+    shrink = frozenset(p.key for o in outputs for p in o.writes if p.key.startswith(SUM_PREFIX))
+    return Plan(outputs, metadata, reserve, shrink)
+
+
+def _meta(src: Reader, manifest: Manifest) -> dict[str, str]:
+    meta = {k: v for k, v in src.metadata.items() if k != META_KEY}
+    meta[META_KEY] = manifest.to_json()
+    return meta
+
+
+def _total(weights: Sequence[float]) -> Fraction:
+    return sum((Fraction(w) for w in weights), Fraction(0))
+
+
+# --- the operations ---------------------------------------------------------------------
+
+
 def build_soup(shards: Sequence[Shard | str | os.PathLike], out: str | os.PathLike, *,
                base: str | os.PathLike | None = None, components: str = "unet", dtype: str = "same",
                keep_sum: bool = True, progress: Progress = None) -> Manifest:
@@ -295,6 +253,48 @@ def build_soup(shards: Sequence[Shard | str | os.PathLike], out: str | os.PathLi
     ``base`` supplies every tensor that is not souped (text encoder, VAE, int buffers);
     default: the first shard. ``dtype`` "same" keeps each tensor's dtype from the base.
     """
+    items = _checked_shards(shards, out, base, components, dtype)
+    base_path = Path(base) if base is not None else items[0].path
+    with ExitStack() as opened:
+        readers = [opened.enter_context(Reader(s.path)) for s in items]
+        base_r = opened.enter_context(Reader(base_path))
+        keys = sorted(k for k in base_r.entries if not k.startswith(SUM_PREFIX))
+        for r in readers:
+            check_compatible(base_r, r)
+        sk = {k for k in keys if souped(k, base_r.entries[k].dtype, components)}
+        if not sk:
+            raise SoupError(f"{base_path.name} has no tensors to soup under '{UNET_PREFIX}' "
+                            "(is it a full checkpoint? try components='all').")
+        member_dtypes = {r.entries[k].dtype for r in readers for k in sk}
+        weights = [s.weight for s in items]
+        method = WeightedSum(weights, float(_total(weights)), keep_sum,
+                             exact=keep_sum and weights_exact(weights, member_dtypes),
+                             static=fp16_static(weights, member_dtypes),
+                             acc_dtype=torch.float64 if keep_sum else torch.float32)
+        hashes = [hashlib.sha256() for _ in items]
+        base_hash = hashlib.sha256()
+        outputs = [_souped(k, tuple((Source(r, k, h),) for r, h in zip(readers, hashes, strict=True)),
+                           OUT_DTYPES[dtype] or base_r.entries[k].dtype, base_r.entries[k].shape, keep_sum)
+                   if k in sk else Output.copied(Source(base_r, k, base_hash)) for k in keys]
+        manifest = Manifest(
+            members=[], base={"name": base_path.name}, components=components, dtype=dtype,
+            sum_stored=keep_sum, exact=False, souped_keys=len(sk), member_dtypes=sorted(member_dtypes))
+        reserve = 2048 + sum(300 + 2 * len(s.path.name) for s in items) + 2 * len(base_path.name)
+
+        def seal() -> dict[str, str]:
+            manifest.members = [Member(h.hexdigest(), s.path.name, s.weight) for h, s in zip(hashes, items, strict=True)]
+            manifest.base["id"] = base_hash.hexdigest()
+            manifest.exact = bool(method.exact)
+            manifest.history.append({"op": "build", "n": len(items), "time": time.time()})
+            return _meta(base_r, manifest)
+
+        stream(out, _plan(outputs, _meta(base_r, manifest), reserve), method, seal, progress)
+        return manifest
+
+
+def _checked_shards(shards: Sequence[Shard | str | os.PathLike], out: str | os.PathLike,
+                    base: str | os.PathLike | None, components: str, dtype: str) -> list[Shard]:
+    """build_soup's arguments refused before any file is opened; the members as Shards."""
     items = [Shard(Path(s.path), s.weight) if isinstance(s, Shard) else Shard(Path(s)) for s in shards]
     if not items:
         raise SoupError("a soup needs at least one member.")
@@ -305,111 +305,21 @@ def build_soup(shards: Sequence[Shard | str | os.PathLike], out: str | os.PathLi
         raise SoupError(f"components must be 'unet' or 'all', not {components!r}.")
     if dtype not in OUT_DTYPES:
         raise SoupError(f"dtype must be one of {sorted(OUT_DTYPES)}, not {dtype!r}.")
-    base_path = Path(base) if base is not None else items[0].path
-    readers: list[Reader] = []
-    try:
-        shared = SharedBuffer()
-        readers = [Reader(s.path, shared) for s in items]
-        base_r = Reader(base_path, shared)
-        readers.append(base_r)
-        keys = sorted(k for k in base_r.entries if not k.startswith(SUM_PREFIX))
-        for r in readers[:-1]:
-            check_compatible(base_r, r)
-        sk = [k for k in keys if souped(k, base_r.entries[k].dtype, components)]
-        if not sk:
-            raise SoupError(f"{base_path.name} has no tensors to soup under '{UNET_PREFIX}' "
-                            "(is it a full checkpoint? try components='all').")
-        member_dtypes = {r.entries[k].dtype for r in readers[:-1] for k in sk}
-        weights = [s.weight for s in items]
-        exact_possible = keep_sum and _weights_exact(weights, member_dtypes)
-        static = _fp16_static(weights, member_dtypes)
-        total = float(sum((Fraction(w) for w in weights), Fraction(0)))
-        plan, shrink = _plan(base_r, keys, set(sk), dtype, keep_sum)
-        hashes = [hashlib.sha256() for _ in items]
-        base_hash = hashlib.sha256()
-        exact = exact_possible
-        acc_dtype = torch.float64 if keep_sum else torch.float32
-        manifest = Manifest(
-            members=[], base={"name": base_path.name}, components=components, dtype=dtype,
-            sum_stored=keep_sum, exact=False, souped_keys=len(sk), member_dtypes=sorted(member_dtypes))
-        skset = set(sk)
-        reserve = 2048 + sum(300 + 2 * len(s.path.name) for s in items) + 2 * len(base_path.name)
-        out_dtype = {p.key: p.dtype for p in plan}
-        ws = _Workspace(acc_dtype, max(math.prod(base_r.entries[k].shape) for k in sk))
-        bufs = [shared, SharedBuffer()]
-        with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as io, \
-                atomic_writer(out, plan, _meta(base_r, manifest), shrink, reserve) as w:
-            for i, k in enumerate(keys):
-                if k in skset:
-                    numel = math.prod(base_r.entries[k].shape)
-                    a = ws.take(numel)
-                    first = True
-                    nxt = io.submit(readers[0].raw, k, bufs[0])
-                    for m, (r, s, h) in enumerate(zip(readers[:-1], items, hashes, strict=True)):
-                        e = r.entries[k]
-                        raw = nxt.result()
-                        if m + 1 < len(items):  # read the next member while this one is added
-                            nxt = io.submit(readers[m + 1].raw, k, bufs[(m + 1) % 2])
-                        _hash_header(h, k, e.dtype, e.shape)
-                        job = pool.submit(h.update, raw)  # hashing overlaps the arithmetic (both drop the GIL)
-                        x = torch.frombuffer(raw, dtype=DTYPES[e.dtype]) if numel else torch.empty(0)
-                        if first:
-                            _fill(a, x, s.weight, ws.stage)
-                            first = False
-                        elif static or not exact:
-                            _axpy(a, x, s.weight, ws.stage)
-                        else:
-                            y = x.to(acc_dtype) * s.weight if s.weight != 1.0 else x.to(acc_dtype)
-                            summed, ok = _add(a, y, True)
-                            a.copy_(summed)
-                            del summed, y
-                            exact = exact and ok
-                        job.result()
-                    _emit(w, k, a, total, out_dtype[k], keep_sum)
-                else:
-                    e = base_r.entries[k]
-                    raw = base_r.raw(k)
-                    _hash_update(base_hash, k, e.dtype, e.shape, raw)
-                    w.write(k, raw)
-                if progress:
-                    progress(i + 1, len(keys))
-            manifest.members = [Member(h.hexdigest(), s.path.name, s.weight) for h, s in zip(hashes, items, strict=True)]
-            manifest.base["id"] = base_hash.hexdigest()
-            manifest.exact = bool(exact)
-            manifest.history.append({"op": "build", "n": len(items), "time": time.time()})
-            w.set_metadata(_meta(base_r, manifest))
-        return manifest
-    finally:
-        for r in readers:
-            r.close()
-
-
-def _plan(src: Reader, keys: list[str], sk: set[str], dtype: str, keep_sum: bool) -> tuple[list[Planned], frozenset[str]]:
-    plan, shrink = [], set()
-    for k in keys:
-        e = src.entries[k]
-        if k in sk:
-            out = OUT_DTYPES.get(dtype) or e.dtype
-            if keep_sum:  # the sum goes first: the tensor is then computed in place from it
-                plan.append(Planned(SUM_PREFIX + k, "F64", e.shape))
-                shrink.add(SUM_PREFIX + k)
-            plan.append(Planned(k, out, e.shape))
-        else:
-            plan.append(Planned(k, e.dtype, e.shape))
-    return plan, frozenset(shrink)
-
-
-def _meta(src: Reader, manifest: Manifest) -> dict[str, str]:
-    meta = {k: v for k, v in src.metadata.items() if k != META_KEY}
-    meta[META_KEY] = manifest.to_json()
-    return meta
+    return items
 
 
 def add_shard(soup: str | os.PathLike, shard: str | os.PathLike, out: str | os.PathLike | None = None, *,
               weight: float = 1.0, progress: Progress = None) -> Manifest:
     """theta' = (W theta + w theta_new) / (W + w), reading only the soup and the new shard."""
     check_weight(weight, f"added shard {Path(shard).name}")
-    return _update(Path(soup), Path(shard), Path(out) if out else Path(soup), +1, weight, progress)
+    with _Update.open(soup, shard, out) as up:
+
+        def edit(man: Manifest, digest: str) -> None:
+            man.members.append(Member(digest, up.shard.name, weight))
+            man.member_dtypes = sorted(set(man.member_dtypes) | up.shard_dtypes)
+            man.history.append({"op": "add", "id": digest, "name": up.shard.name, "time": time.time()})
+
+        return up.apply(weight, [m.weight for m in up.man.members] + [weight], edit, progress)
 
 
 def remove_shard(soup: str | os.PathLike, shard: str | os.PathLike, out: str | os.PathLike | None = None, *,
@@ -420,117 +330,80 @@ def remove_shard(soup: str | os.PathLike, shard: str | os.PathLike, out: str | o
     member is refused before anything is written; a hash mismatch found while streaming
     aborts the write, so every file stays as it was.
     """
-    return _update(Path(soup), Path(shard), Path(out) if out else Path(soup), -1, None, progress)
+    with _Update.open(soup, shard, out) as up:
+        if up.man.n <= 1:
+            raise SoupError(f"cannot remove the last member of {up.soup.name}: a soup of zero models "
+                            "is undefined. Delete the file or add another shard first.")
+        j = _find_member(up.man, up.hr, up.shard)
+        weight = up.man.members[j].weight
+
+        def edit(man: Manifest, digest: str) -> None:
+            gone = man.members.pop(_verify_member(up.man, digest, weight, up.shard, up.soup))
+            man.history.append({"op": "remove", "id": gone.id, "name": gone.name, "time": time.time()})
+
+        return up.apply(-weight, [m.weight for i, m in enumerate(up.man.members) if i != j], edit, progress)
 
 
-@_soup_threads
-def _update(soup: Path, shard: Path, out: Path, sign: int, weight: float | None, progress: Progress) -> Manifest:
-    man = read_manifest(soup)
-    refuse_overwriting(out, [shard], "shard")  # replacing the soup itself is what add/remove do by default
-    for m in man.members:  # an edited manifest must not turn into an inf or wrong soup
-        check_weight(m.weight, f"the manifest of {soup.name} (member {m.name}; was it edited? rebuild the soup)")
-    readers: list[Reader] = []
-    try:
-        shared = SharedBuffer()
-        sr = Reader(soup)
-        readers.append(sr)
-        hr = Reader(shard, shared)
-        readers.append(hr)
-        keys = sorted(k for k in sr.entries if not k.startswith(SUM_PREFIX))
-        sk = [k for k in keys if souped(k, sr.entries[k].dtype, man.components)]
-        check_compatible(sr, hr, sk)
-        member_index: int | None = None
-        if sign < 0:
-            if man.n <= 1:
-                raise SoupError(f"cannot remove the last member of {soup.name}: a soup of zero models "
-                                "is undefined. Delete the file or add another shard first.")
-            member_index = _find_member(man, hr, shard)
-            weight = man.members[member_index].weight
-        assert weight is not None
-        shard_dtypes = {hr.entries[k].dtype for k in sk}
-        exact = man.exact and man.sum_stored and _weights_exact([weight], shard_dtypes)
-        new_weights = [m.weight for m in man.members]
-        if sign < 0:
-            assert member_index is not None
-            del new_weights[member_index]
-        else:
-            new_weights.append(weight)
-        fr_total = sum((Fraction(w) for w in new_weights), Fraction(0))
-        total = float(fr_total)
-        old_total = man.total_weight
-        exact = exact and Fraction(total) == fr_total
-        plan = [Planned(k, e.dtype, e.shape) for k, e in sr.entries.items()]
-        shrink = frozenset(SUM_PREFIX + k for k in sk) if man.sum_stored else frozenset()
-        plan = [Planned(p.key, "F64", p.shape) if p.key in shrink else p for p in plan]
-        # sorted keys, each sum right before its tensor, as build writes them
-        skset = set(sk)
-        order = []
-        for k in keys:
-            if man.sum_stored and k in skset:
-                order.append(SUM_PREFIX + k)
-            order.append(k)
-        by_key = {p.key: p for p in plan}
-        plan = [by_key[k] for k in order]
-        static = exact and _fp16_static(new_weights + [weight], set(man.member_dtypes) | shard_dtypes)
-        h = hashlib.sha256()
+class _Update:
+    """What add and remove share: the soup and one shard, opened and checked, streamed key by key.
+
+    Each souped key reads the soup's running sum (or, with no sum stored, its averaged tensor,
+    scaled back by W) together with the shard's tensor, which is hashed into the shard's id;
+    every other key is copied from the soup.
+    """
+
+    def __init__(self, soup: str | os.PathLike, shard: str | os.PathLike, out: str | os.PathLike | None,
+                 opened: ExitStack):
+        self.soup, self.shard = Path(soup), Path(shard)
+        self.out = Path(out) if out else self.soup
+        self.man = read_manifest(self.soup)
+        refuse_overwriting(self.out, [self.shard], "shard")  # replacing the soup itself is what add/remove do by default
+        for m in self.man.members:  # an edited manifest must not turn into an inf or wrong soup
+            check_weight(m.weight, f"the manifest of {self.soup.name} (member {m.name}; was it edited? rebuild the soup)")
+        self.sr = opened.enter_context(Reader(self.soup))
+        self.hr = opened.enter_context(Reader(self.shard))
+        self.keys = sorted(k for k in self.sr.entries if not k.startswith(SUM_PREFIX))
+        self.sk = {k for k in self.keys if souped(k, self.sr.entries[k].dtype, self.man.components)}
+        check_compatible(self.sr, self.hr, self.sk)
+        self.shard_dtypes = {self.hr.entries[k].dtype for k in self.sk}
+        self.digest = hashlib.sha256()
+
+    @classmethod
+    @contextmanager
+    def open(cls, soup: str | os.PathLike, shard: str | os.PathLike,
+             out: str | os.PathLike | None) -> Iterator[_Update]:
+        with ExitStack() as opened:
+            yield cls(soup, shard, out, opened)
+
+    def apply(self, coeff: float, weights: list[float], edit: Callable[[Manifest, str], None],
+              progress: Progress) -> Manifest:
+        """S' = S + coeff * shard, averaged over ``weights`` (the members after the update).
+
+        ``edit`` records the change in the new manifest once the shard's hash is known; it
+        may refuse (a SoupError), and then nothing is written.
+        """
+        man, sr = self.man, self.sr
+        weight = abs(coeff)
+        fr_total = _total(weights)
+        exact = (man.exact and man.sum_stored and weights_exact([weight], self.shard_dtypes)
+                 and Fraction(float(fr_total)) == fr_total)
+        static = exact and fp16_static(weights + [weight], set(man.member_dtypes) | self.shard_dtypes)
+        method = WeightedSum([1.0 if man.sum_stored else man.total_weight, coeff], float(fr_total),
+                             man.sum_stored, exact=exact, static=static)
+        src = SUM_PREFIX if man.sum_stored else ""  # the soup's exact running sum, else the averaged tensor
+        outputs = [_souped(k, ((Source(sr, src + k), Source(self.hr, k, self.digest)),), sr.entries[k].dtype,
+                           sr.entries[k].shape, man.sum_stored)
+                   if k in self.sk else Output.copied(Source(sr, k)) for k in self.keys]
         new_man = Manifest.from_json(man.to_json())
-        reserve = 2048 + 300 + 2 * len(shard.name) + 200
-        ws = _Workspace(torch.float64, max(math.prod(sr.entries[k].shape) for k in sk))
-        # what each souped key reads from the soup: its exact running sum, else the averaged tensor
-        src_key = {k: SUM_PREFIX + k if man.sum_stored else k for k in sk}
-        bufs = [(SharedBuffer(), shared), (SharedBuffer(), SharedBuffer())]
+        reserve = 2048 + 300 + 2 * len(self.shard.name) + 200
 
-        def fetch(j: int) -> tuple[memoryview, memoryview]:
-            sb, hb = bufs[j % 2]
-            return sr.raw(src_key[sk[j]], sb), hr.raw(sk[j], hb)
+        def seal() -> dict[str, str]:
+            edit(new_man, self.digest.hexdigest())
+            new_man.exact = bool(method.exact)
+            return _meta(sr, new_man)
 
-        with ThreadPoolExecutor(1) as pool, ThreadPoolExecutor(1) as io, \
-                atomic_writer(out, plan, _meta(sr, new_man), shrink, reserve) as w:
-            nxt = io.submit(fetch, 0) if sk else None
-            j = 0
-            for i, k in enumerate(keys):
-                if k in skset:
-                    sraw, raw = nxt.result()
-                    j += 1
-                    if j < len(sk):  # the next key's sum and shard tensor load while this one is updated
-                        nxt = io.submit(fetch, j)
-                    e = hr.entries[k]
-                    _hash_header(h, k, e.dtype, e.shape)
-                    job = pool.submit(h.update, raw)
-                    numel = math.prod(e.shape)
-                    a = ws.take(numel)
-                    if numel:
-                        src = torch.frombuffer(sraw, dtype=DTYPES[sr.entries[src_key[k]].dtype])
-                        _fill(a, src, 1.0 if man.sum_stored else old_total, ws.stage)
-                    x = torch.frombuffer(raw, dtype=DTYPES[e.dtype]) if numel else torch.empty(0)
-                    if static or not exact:
-                        _axpy(a, x, sign * weight, ws.stage)  # exact by the fp16 grid bound, or not promised
-                    else:
-                        summed, ok = _add(a, x.to(torch.float64) * (sign * weight), True)
-                        a.copy_(summed)
-                        del summed
-                        exact = exact and ok
-                    job.result()
-                    _emit(w, k, a, total, sr.entries[k].dtype, man.sum_stored)
-                else:
-                    w.write(k, sr.raw(k))
-                if progress:
-                    progress(i + 1, len(keys))
-            digest = h.hexdigest()
-            if sign < 0:
-                gone_index = _verify_member(man, digest, weight, shard, soup)
-                gone = new_man.members.pop(gone_index)
-                new_man.history.append({"op": "remove", "id": gone.id, "name": gone.name, "time": time.time()})
-            else:
-                new_man.members.append(Member(digest, shard.name, weight))
-                new_man.member_dtypes = sorted(set(new_man.member_dtypes) | shard_dtypes)
-                new_man.history.append({"op": "add", "id": digest, "name": shard.name, "time": time.time()})
-            new_man.exact = bool(exact)
-            w.set_metadata(_meta(sr, new_man))
+        stream(self.out, _plan(outputs, _meta(sr, new_man), reserve), method, seal, progress)
         return new_man
-    finally:
-        for r in readers:
-            r.close()
 
 
 def _find_member(man: Manifest, hr: Reader, shard: Path) -> int:

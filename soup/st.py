@@ -36,7 +36,7 @@ NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 FLOATS = {"F64", "F32", "F16", "BF16"}
 
 
-class FormatError(CompartmentsError):
+class SafetensorsError(CompartmentsError):
     """The file is not a readable safetensors file."""
 
 
@@ -64,6 +64,12 @@ class SharedBuffer:
     def __init__(self) -> None:
         self.data = bytearray()
 
+    def fit(self, nbytes: int) -> None:
+        """Grow to at least ``nbytes`` (dropping the old one first: never hold two)."""
+        if len(self.data) < nbytes:
+            self.data = bytearray()
+            self.data = bytearray(nbytes)
+
 
 class Reader:
     """Random access to one safetensors file, one tensor at a time, without mmap."""
@@ -76,7 +82,7 @@ class Reader:
             self.metadata, raw_entries = read_header(self._f, self.path, set(DTYPES))
         except HeaderError as e:
             self._f.close()
-            raise FormatError(str(e)) from None
+            raise SafetensorsError(str(e)) from None
         except Exception:
             self._f.close()
             raise
@@ -95,9 +101,7 @@ class Reader:
         """
         e = self.entries[key]
         sb = buffer or self._shared
-        if len(sb.data) < e.nbytes:
-            sb.data = bytearray()  # drop the old one first: never hold two
-            sb.data = bytearray(e.nbytes)
+        sb.fit(e.nbytes)
         view = memoryview(sb.data)[: e.nbytes]
         got = 0
         if hasattr(os, "preadv"):  # positional: one thread may prefetch while another copies a tensor
@@ -111,7 +115,7 @@ class Reader:
                 self._f.seek(e.start)
                 got = self._f.readinto(view)
         if got != e.nbytes:
-            raise FormatError(f"{self.path}: tensor '{key}' is truncated ({got} of {e.nbytes} bytes)")
+            raise SafetensorsError(f"{self.path}: tensor '{key}' is truncated ({got} of {e.nbytes} bytes)")
         return view
 
     def tensor(self, key: str) -> torch.Tensor:

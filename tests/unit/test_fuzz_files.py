@@ -23,8 +23,8 @@ from compartments.retrieval.embed import Embedder, EmbedderError
 from compartments.retrieval.store import ImageStore, StoreError
 from compartments.safetensors_header import HeaderError, check_file
 from compartments.soup import SoupError, read_manifest
-from compartments.soup.st import FormatError as SoupFormatError
 from compartments.soup.st import Reader
+from compartments.soup.st import SafetensorsError as SoupFormatError
 from compartments.temporal.formats import FormatError as TemporalFormatError
 from compartments.temporal.formats import load_layers, load_motion_module
 from compartments.temporal.train import TrainError, raw_load_layers

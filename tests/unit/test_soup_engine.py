@@ -349,15 +349,15 @@ def test_parse_members():
 
 
 def test_reader_rejects_broken_files(tmp_path):
-    from compartments.soup.st import FormatError, Reader
+    from compartments.soup.st import Reader, SafetensorsError
 
     short = tmp_path / "short.safetensors"
     short.write_bytes(b"\x01\x02")
-    with pytest.raises(FormatError, match="too short"):
+    with pytest.raises(SafetensorsError, match="too short"):
         Reader(short)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes((20).to_bytes(8, "little") + b"not json at all!!!!!")
-    with pytest.raises(FormatError, match="unreadable safetensors header"):
+    with pytest.raises(SafetensorsError, match="unreadable safetensors header"):
         Reader(junk)
     with pytest.raises(SoupError, match="not a Compartments soup"):
         save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
