@@ -10,6 +10,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+# Served by ComfyUI at /extensions/<pack folder>/: docs/<NodeId>.md is each node's page in the
+# editor's node help panel (written by ``python -m compartments node-docs``). No JavaScript.
+WEB_DIRECTORY = "./web"
+
 
 async def comfy_entrypoint():
     """V3 entry point: return the extension that lists every Compartments node."""

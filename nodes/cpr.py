@@ -91,14 +91,19 @@ class CPRImageConditioning(io.ComfyNode):
                         "(same entries core unCLIPConditioning writes, strength split evenly over the images). "
                         "Feed the result to the 'private' input of a CPR guider; the ids are kept for credit.",
             inputs=[
-                io.Conditioning.Input("conditioning", tooltip="Prompt conditioning (from an unCLIP checkpoint's CLIP)."),
-                io.ClipVision.Input("clip_vision"),
+                io.Conditioning.Input("conditioning",
+                                      tooltip="Prompt conditioning (from an unCLIP checkpoint's CLIP)."),
+                io.ClipVision.Input("clip_vision",
+                                    tooltip="CLIP vision model that encodes the retrieved images (unCLIP)."),
                 io.Image.Input("images", tooltip="Retrieved images (a batch)."),
                 io.String.Input("ids", default="", force_input=True, optional=True,
                                 tooltip="Credit record of the images (Retrieve Images 'ids')."),
-                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01),
-                io.Float.Input("noise_augmentation", default=0.0, min=0.0, max=1.0, step=0.01),
-                io.Combo.Input("crop", options=["center", "none"], default="center"),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01,
+                               tooltip="Total strength of the retrieved images, split evenly between them."),
+                io.Float.Input("noise_augmentation", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="unCLIP noise augmentation of the image embeddings (0 = none)."),
+                io.Combo.Input("crop", options=["center", "none"], default="center",
+                               tooltip="center: crop each image to a square before encoding; none: resize it whole."),
             ],
             outputs=[io.Conditioning.Output(display_name="private"), io.String.Output(display_name="ids")],
         )
@@ -140,8 +145,10 @@ class CPRPromptConditioning(io.ComfyNode):
                         "available (e.g. a prompt written from the retrieved items, or style-model tokens "
                         "applied with StyleModelApply). Records the ids for credit.",
             inputs=[
-                io.Conditioning.Input("conditioning"),
-                io.String.Input("ids", default="", force_input=True, optional=True),
+                io.Conditioning.Input("conditioning",
+                                      tooltip="The prompt (CLIP Text Encode) whose information counts as private."),
+                io.String.Input("ids", default="", force_input=True, optional=True,
+                                tooltip="Credits to record: Retrieve Images' ids JSON, or ids and sha256 hashes, comma separated."),
             ],
             outputs=[io.Conditioning.Output(display_name="private"), io.String.Output(display_name="ids")],
         )
@@ -259,13 +266,20 @@ _COMMON = (
 
 def _guider_inputs() -> list:
     return [
-        io.Model.Input("model"),
-        io.Conditioning.Input("public"),
-        io.Conditioning.Input("private"),
-        io.Conditioning.Input("negative"),
-        io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01),
+        io.Model.Input("model", tooltip="The diffusion model both branches share."),
+        io.Conditioning.Input("public",
+                              tooltip="Public conditioning: the plain prompt (CLIP Text Encode), never "
+                              "the retrieved private images."),
+        io.Conditioning.Input("private",
+                              tooltip="Private conditioning: from CPR Private Conditioning (images) "
+                              "or (prompt only)."),
+        io.Conditioning.Input("negative", tooltip="Negative prompt for classifier-free guidance."),
+        io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                       tooltip="Classifier-free guidance scale against the negative (1 = no CFG)."),
+        # The id stays lambda_ (saved workflows use it; lambda is a Python keyword); the editor shows "lambda".
         io.Float.Input("lambda_", display_name="lambda", default=0.5, min=0.0, max=1.0, step=0.01,
-                       tooltip="Weight of the public (safe) denoiser."),
+                       tooltip="Weight of the public (safe) denoiser: 1 = the public model only, 0 = plain "
+                               "retrieval."),
     ]
 
 
@@ -323,7 +337,10 @@ class CPRAudit(io.ComfyNode):
             category=CATEGORY,
             description="After sampling (connect the sampler's output latent), the guider's record: method, lambda, "
                         "cfg, credited ids/hashes, and for CPR-Choose the per-step choices and log-ratio.",
-            inputs=[io.Guider.Input("guider"), io.Latent.Input("latent", tooltip="Sampler output (orders this node after sampling).")],
+            inputs=[io.Guider.Input("guider",
+                                    tooltip="The CPR-KL or CPR-Choose guider that sampled (connect it "
+                                    "after sampling)."),
+                    io.Latent.Input("latent", tooltip="Sampler output (orders this node after sampling).")],
             outputs=[io.String.Output(display_name="audit")],
         )
 
@@ -349,9 +366,11 @@ class CPRSaveImage(io.ComfyNode):
             description="Saves PNGs to the output folder with the CPR audit (credited ids/hashes, lambda, cfg, "
                         "choices) in the 'compartments_cpr' text chunk, next to the usual prompt/workflow.",
             inputs=[
-                io.Image.Input("images"),
-                io.String.Input("audit", force_input=True, tooltip="CPR Audit output (or Retrieve Images 'ids')."),
-                io.String.Input("filename_prefix", default="cpr/ComfyUI"),
+                io.Image.Input("images", tooltip="The sampled images to save as PNG."),
+                io.String.Input("audit", force_input=True,
+                                tooltip="CPR Audit output (or Retrieve Images 'ids')."),
+                io.String.Input("filename_prefix", default="cpr/ComfyUI",
+                                tooltip="Sub-folder and file prefix inside ComfyUI's output folder."),
             ],
             hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
             is_output_node=True,

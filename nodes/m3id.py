@@ -149,12 +149,17 @@ def _outputs(results: list[CaptionResult], vlm: VLM, settings: M3IDSettings) -> 
 
 def _common_inputs(default_prompt: str = "Describe this image in detail.") -> list:
     return [
-        VLMType.Input("vlm"),
+        VLMType.Input("vlm", tooltip="From Load Captioning Model (VLM)."),
         io.Image.Input("images", tooltip="Every image of the batch is captioned."),
-        io.String.Input("prompt", default=default_prompt, multiline=True),
+        io.String.Input("prompt", default=default_prompt, multiline=True,
+                        tooltip="What the caption answers, e.g. 'Describe this image in detail.'"),
         io.Int.Input("max_tokens", default=64, min=1, max=1024, tooltip="Maximum caption length in tokens."),
-        io.Combo.Input("decoding", options=["greedy", "sample"], default="greedy"),
-        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Used when decoding is 'sample'."),
+        io.Combo.Input("decoding", options=["greedy", "sample"], default="greedy",
+                       tooltip="greedy: the most likely token each step; sample: seeded sampling."),
+        # The editor gives every INT named seed a "control after generate" widget; declaring it keeps
+        # the saved widget values of UI-format workflows in the order the editor reads them.
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                     tooltip="Used when decoding is 'sample'."),
         io.Int.Input("chunk_size", default=4, min=1, max=64,
                      tooltip="Images captioned together; halved automatically when memory runs out."),
     ]

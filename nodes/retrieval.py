@@ -153,7 +153,8 @@ class BuildImageStore(io.ComfyNode):
             inputs=[
                 io.String.Input("store_name", default="my-images",
                                 tooltip="Folder name in models/retrieval_stores (new or existing)."),
-                io.Combo.Input("folder", options=_input_folders(), tooltip="A folder under ComfyUI's input directory."),
+                io.Combo.Input("folder", options=_input_folders(),
+                               tooltip="A folder under ComfyUI's input directory."),
                 io.Combo.Input("weights", options=_weights_options(),
                                tooltip="open_clip safetensors from models/open_clip or models/clip_vision."),
                 io.Combo.Input("model_config", options=["auto", *_open_clip_configs()], default="auto",
@@ -218,7 +219,8 @@ class LoadImageStore(io.ComfyNode):
             description="Open a store from models/retrieval_stores. The open_clip weights it was built with must be "
                         "in models/open_clip or models/clip_vision (override with 'weights').",
             inputs=[
-                io.Combo.Input("store", options=_host.list_dirs(STORES)),
+                io.Combo.Input("store", options=_host.list_dirs(STORES),
+                               tooltip="A store folder in models/retrieval_stores."),
                 io.Combo.Input("weights", options=["(recorded)", *_weights_options()], default="(recorded)",
                                tooltip="Which weights file to embed queries with; must be the model the store was built with."),
             ],
@@ -260,10 +262,13 @@ class RetrieveImages(io.ComfyNode):
                         "private (the owner's only), public or all items. 'ids' is JSON with the id, sha256 and owner of every image "
                         "returned, for credit attribution.",
             inputs=[
-                StoreType.Input("store"),
-                io.String.Input("text", multiline=True, default="", tooltip="Text query (leave empty to query by image)."),
-                io.Int.Input("k", default=4, min=1, max=256),
-                io.Combo.Input("visibility", options=list(FILTERS), default="private"),
+                StoreType.Input("store", tooltip="The image store (Build Image Store or Load Image Store)."),
+                io.String.Input("text", multiline=True, default="",
+                                tooltip="Text query (leave empty to query by image)."),
+                io.Int.Input("k", default=4, min=1, max=256,
+                             tooltip="How many images to retrieve, nearest first by embedding similarity."),
+                io.Combo.Input("visibility", options=list(FILTERS), default="private",
+                               tooltip="Search public items, the owner's private items, or both."),
                 io.Image.Input("image", optional=True, tooltip="Image query (batch: mean embedding)."),
                 io.String.Input("owner", optional=True, default="",
                                 tooltip="Whose private images to retrieve (empty: the owner the store was built "
@@ -294,9 +299,11 @@ class SetImageVisibility(io.ComfyNode):
             category=CATEGORY,
             description="Mark stored images public or private (ids, sha256 hashes, or the JSON from Retrieve Images).",
             inputs=[
-                StoreType.Input("store"),
-                io.String.Input("ids", default="", tooltip="Ids or sha256, comma separated, or Retrieve's ids JSON."),
-                io.Combo.Input("visibility", options=list(VISIBILITIES), default="public"),
+                StoreType.Input("store", tooltip="The image store (Build Image Store or Load Image Store)."),
+                io.String.Input("ids", default="",
+                                tooltip="Ids or sha256, comma separated, or Retrieve's ids JSON."),
+                io.Combo.Input("visibility", options=list(VISIBILITIES), default="public",
+                               tooltip="The visibility to give the listed items."),
             ],
             outputs=[StoreType.Output(display_name="store"), io.String.Output(display_name="report")],
         )
@@ -323,8 +330,9 @@ class ForgetImages(io.ComfyNode):
                         "transaction, so no later query can return them; no model weights change. Items already "
                         "gone are reported, not an error (repeated requests are safe).",
             inputs=[
-                StoreType.Input("store"),
-                io.String.Input("ids", default="", tooltip="Ids or sha256, comma separated, or Retrieve's ids JSON."),
+                StoreType.Input("store", tooltip="The image store (Build Image Store or Load Image Store)."),
+                io.String.Input("ids", default="",
+                                tooltip="Ids or sha256, comma separated, or Retrieve's ids JSON."),
             ],
             outputs=[StoreType.Output(display_name="store"), io.String.Output(display_name="report")],
         )
@@ -352,7 +360,9 @@ class ListImageStore(io.ComfyNode):
             display_name="List Image Store",
             category=CATEGORY,
             description="The store's items (id, sha256, owner, visibility, source file) as JSON.",
-            inputs=[StoreType.Input("store"), io.Combo.Input("visibility", options=list(FILTERS), default="all")],
+            inputs=[StoreType.Input("store", tooltip="The image store (Build Image Store or Load Image Store)."),
+                    io.Combo.Input("visibility", options=list(FILTERS), default="all",
+                                   tooltip="Which items to list: all, public or private.")],
             outputs=[io.String.Output(display_name="items")],
         )
 

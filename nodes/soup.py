@@ -159,7 +159,8 @@ class SoupBuild(io.ComfyNode):
                                tooltip="Where the tensors that are not souped (text encoder, VAE) come from."),
                 io.Combo.Input("components", options=["unet", "all"], default="unet",
                                tooltip="unet: soup only model.diffusion_model.*; all: every float tensor."),
-                io.Combo.Input("dtype", options=list(engine.OUT_DTYPES), default="same"),
+                io.Combo.Input("dtype", options=list(engine.OUT_DTYPES), default="same",
+                               tooltip="Storage dtype of the souped tensors: same as the members, or fp16, bf16, fp32."),
                 io.Boolean.Input("keep_sum", default=True,
                                  tooltip="Store the float64 running sum so that add/remove are exact (bitwise "
                                          "equal to a rebuild); costs extra file size."),
@@ -204,9 +205,12 @@ class SoupAddShard(io.ComfyNode):
             category=CATEGORY,
             description="theta' = (W theta + w theta_new) / (W + w): one model of I/O, not N.",
             inputs=[
-                SoupType.Input("soup"),
-                io.Combo.Input("checkpoint", options=_checkpoints()),
-                io.Float.Input("weight", default=1.0, min=0.001, max=1000.0, step=0.01),
+                SoupType.Input("soup",
+                               tooltip="A soup (Soup Checkpoints, Load Soup, or another Add/Remove Shard)."),
+                io.Combo.Input("checkpoint", options=_checkpoints(),
+                               tooltip="The checkpoint to add as a new member (fine-tuned from the same base)."),
+                io.Float.Input("weight", default=1.0, min=0.001, max=1000.0, step=0.01,
+                               tooltip="Its weight relative to the members' weights (1 = the share of a uniform member)."),
             ],
             outputs=_soup_outputs(),
         )
@@ -238,7 +242,8 @@ class SoupRemoveShard(io.ComfyNode):
             description="theta' = (W theta - w_j theta_j) / (W - w_j). Bitwise equal to a rebuild without the "
                         "shard when the manifest says exact. The shard is identified by content hash.",
             inputs=[
-                SoupType.Input("soup"),
+                SoupType.Input("soup",
+                               tooltip="A soup (Soup Checkpoints, Load Soup, or Add/Remove Shard) that has the member."),
                 io.Combo.Input("checkpoint", options=_checkpoints(), tooltip="The member's checkpoint file."),
             ],
             outputs=_soup_outputs(),
@@ -270,9 +275,11 @@ class SoupSave(io.ComfyNode):
             description="Copies the soup (with its manifest and running sum) into models/soups, atomically.",
             is_output_node=True,
             inputs=[
-                SoupType.Input("soup"),
+                SoupType.Input("soup",
+                               tooltip="The soup to keep (scratch soups in ComfyUI's temp folder are evicted)."),
                 io.String.Input("filename", default="soup", tooltip="File name inside models/soups."),
-                io.Boolean.Input("overwrite", default=False),
+                io.Boolean.Input("overwrite", default=False,
+                                 tooltip="Replace a soup of the same name in models/soups."),
             ],
             outputs=[io.String.Output(display_name="saved")],
         )
@@ -301,7 +308,8 @@ class SoupLoad(io.ComfyNode):
             display_name="Load Soup",
             category=CATEGORY,
             description="Loads a saved soup from models/soups as MODEL, CLIP and VAE, with its manifest.",
-            inputs=[io.Combo.Input("soup_name", options=folder_paths.get_filename_list(SOUPS))],
+            inputs=[io.Combo.Input("soup_name", options=folder_paths.get_filename_list(SOUPS),
+                                   tooltip="A soup saved in models/soups (Save Soup).")],
             outputs=_soup_outputs(),
         )
 
@@ -324,8 +332,9 @@ class SoupInspect(io.ComfyNode):
             category=CATEGORY,
             description="The soup's manifest: members, content hashes, weights, base, dtype, exactness, history.",
             inputs=[
-                SoupType.Input("soup"),
-                io.Boolean.Input("as_json", default=False),
+                SoupType.Input("soup", tooltip="A soup (Soup Checkpoints, Load Soup, or Add/Remove Shard)."),
+                io.Boolean.Input("as_json", default=False,
+                                 tooltip="Output the manifest as JSON instead of readable text."),
             ],
             outputs=[io.String.Output(display_name="manifest")],
         )
@@ -348,14 +357,22 @@ class SoupModels(io.ComfyNode):
             description="Weighted average of up to 4 MODELs as patches on the first (like a chain of "
                         "ModelMergeSimple). Nothing is computed until sampling; no manifest, no file.",
             inputs=[
-                io.Model.Input("model_1"),
-                io.Model.Input("model_2"),
-                io.Model.Input("model_3", optional=True),
-                io.Model.Input("model_4", optional=True),
-                io.Float.Input("weight_1", default=1.0, min=0.0, max=1000.0, step=0.01),
-                io.Float.Input("weight_2", default=1.0, min=0.0, max=1000.0, step=0.01),
-                io.Float.Input("weight_3", default=1.0, min=0.0, max=1000.0, step=0.01),
-                io.Float.Input("weight_4", default=1.0, min=0.0, max=1000.0, step=0.01),
+                io.Model.Input("model_1",
+                               tooltip="MODEL 1 to average (fine-tuned from the same base as the others)."),
+                io.Model.Input("model_2",
+                               tooltip="MODEL 2 to average (fine-tuned from the same base as the others)."),
+                io.Model.Input("model_3", optional=True,
+                               tooltip="MODEL 3 to average (fine-tuned from the same base as the others); optional."),
+                io.Model.Input("model_4", optional=True,
+                               tooltip="MODEL 4 to average (fine-tuned from the same base as the others); optional."),
+                io.Float.Input("weight_1", default=1.0, min=0.0, max=1000.0, step=0.01,
+                               tooltip="Weight of model_1; weights are renormalised over the connected models."),
+                io.Float.Input("weight_2", default=1.0, min=0.0, max=1000.0, step=0.01,
+                               tooltip="Weight of model_2; weights are renormalised over the connected models."),
+                io.Float.Input("weight_3", default=1.0, min=0.0, max=1000.0, step=0.01,
+                               tooltip="Weight of model_3; weights are renormalised over the connected models."),
+                io.Float.Input("weight_4", default=1.0, min=0.0, max=1000.0, step=0.01,
+                               tooltip="Weight of model_4; weights are renormalised over the connected models."),
             ],
             outputs=[io.Model.Output()],
         )

@@ -237,8 +237,10 @@ class ApplyTemporalLayers(io.ComfyNode):
             description="Inserts temporal layers (motion module) into the model; the latent batch is the frames. "
                         "Sliding context windows let videos run longer than the layers' native frame count.",
             inputs=[
-                io.Model.Input("model"),
-                MotionType.Input("temporal_layers"),
+                io.Model.Input("model",
+                               tooltip="The image model (an SD1.5 or SDXL UNet) that gets the temporal layers."),
+                MotionType.Input("temporal_layers",
+                                 tooltip="From Load Motion Module (AnimateDiff) or Load Temporal Layers."),
                 io.Int.Input("frame_count", default=16, min=1, max=4096,
                              tooltip="Frames in the video = the latent batch size."),
                 io.Int.Input("context_length", default=0, min=0, max=64,
@@ -316,11 +318,13 @@ class VAEDecodeVideo(io.ComfyNode):
             description="With a VAE that has temporal decoder layers (SVD's), decodes whole windows of frames "
                         "together and blends overlaps; with any other VAE it is the same as VAE Decode.",
             inputs=[
-                io.Latent.Input("samples"),
-                io.Vae.Input("vae"),
+                io.Latent.Input("samples", tooltip="The video latent: its batch holds the frames."),
+                io.Vae.Input("vae",
+                             tooltip="The VAE; one with a temporal decoder (SVD's) decodes whole windows of frames together."),
                 io.Int.Input("frames_per_pass", default=0, min=0, max=4096,
                              tooltip="Frames per decoder call for a temporal decoder; 0 = the whole video."),
-                io.Int.Input("overlap", default=2, min=0, max=64, tooltip="Frames shared by neighbouring passes."),
+                io.Int.Input("overlap", default=2, min=0, max=64,
+                             tooltip="Frames shared by neighbouring passes."),
             ],
             outputs=[io.Image.Output(), io.String.Output(display_name="mode")],
         )

@@ -184,6 +184,11 @@ class Result:
         return f"{self.label:<28} {self.tiers:<24} {body}{'  ' + self.note if self.note else ''}"
 
 
+# Per release: in-process nodes, the server's HTTP API, and the editor in headless Chromium.
+TIERS_2_3 = "comfy, e2e, browser"
+MARKERS_2_3 = "comfy or e2e or browser"
+
+
 def _pytest(python: Path, marker: str, args: list[str], env: dict[str, str]) -> tuple[int, dict[str, int]]:
     fd, xml = tempfile.mkstemp(prefix="compartments-junit-", suffix=".xml")
     os.close(fd)
@@ -223,14 +228,14 @@ def test(args: list[str]) -> int:
         label = f"ComfyUI {host.version} ({host.name})"
         if host.problem:
             say(host.problem)
-            results.append(Result(label, "comfy, e2e", note="UNSUPPORTED, skipped" if host.unsupported else
+            results.append(Result(label, TIERS_2_3, note="UNSUPPORTED, skipped" if host.unsupported else
                                   "NOT RUN: " + host.problem, red=not host.unsupported))
             continue
         status = _status(host)
         if not status.get("ok"):
             why = status.get("error") or f"no virtualenv at {host.venv}: run scripts/setup.sh"
             say(f"{label}: {why}")
-            results.append(Result(label, "comfy, e2e", note="NOT RUN: " + why, red=True))
+            results.append(Result(label, TIERS_2_3, note="NOT RUN: " + why, red=True))
             continue
         copy = None
         try:
@@ -241,8 +246,8 @@ def test(args: list[str]) -> int:
                 shutil.copytree(host.path, path, ignore=shutil.ignore_patterns(".git", "__pycache__"))
             say(f"{label}: tiers 2-3 in {host.venv} against {path}")
             t0 = time.monotonic()
-            code, counts = _pytest(host.python, "comfy or e2e", args, dict(env, COMFYUI_PATH=str(path)))
-            results.append(Result(label, "comfy, e2e", counts, red=code not in (0, 5),
+            code, counts = _pytest(host.python, MARKERS_2_3, args, dict(env, COMFYUI_PATH=str(path)))
+            results.append(Result(label, TIERS_2_3, counts, red=code not in (0, 5),
                                   seconds=time.monotonic() - t0))
         finally:
             if copy is not None:

@@ -16,4 +16,20 @@ PY="${PYTHON:-python3}"
 TORCH=(torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0)
 .venv/bin/python -m pip install --quiet --disable-pip-version-check "${TORCH[@]}" -e ".[test]"
 .venv/bin/python scripts/hosts.py setup
+# 3. The browser tier's Chromium: Debian's chromium and chromium-driver (Selenium drives them; nothing
+#    downloads a browser). Installed where apt may be used (root, or sudo without a password);
+#    elsewhere the tier skips and says why.
+if ! command -v chromedriver >/dev/null 2>&1 || ! { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; }; then
+  if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then
+    SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo "sudo -n")
+    echo "setup: installing chromium and chromium-driver (apt) for the browser tier"
+    if ! { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 ||
+           { $SUDO apt-get update -q >/dev/null 2>&1 &&
+             $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; }; then
+      echo "setup: could not install chromium: the browser tier will skip"
+    fi
+  else
+    echo "setup: no chromium/chromedriver and no apt rights: the browser tier will skip (apt-get install chromium chromium-driver)"
+  fi
+fi
 echo "setup: done. Run the tests with: .venv/bin/python scripts/test.py"

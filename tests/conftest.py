@@ -8,6 +8,7 @@ with the reason in the summary; they never fake ComfyUI.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -18,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TIERS = {"unit": "unit", "comfy": "comfy", "e2e": "e2e"}
+TIERS = {"unit": "unit", "comfy": "comfy", "e2e": "e2e", "browser": "browser"}
 
 
 def comfyui_path() -> Path | None:
@@ -106,27 +107,49 @@ def sd15(comfy):
 
 
 # ---------------------------------------------------------------- tier 3: a real server
-@pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory):
+@contextlib.contextmanager
+def running_server(base: Path):
+    """A real ComfyUI server (``--cpu``, ``base`` as its base folder, the tiny models, the pack linked
+    into its custom_nodes as ``compartments``), stopped on exit."""
     path = _require_comfyui()
     from compartments.cli.client import ComfyServer
     from compartments.tiny import prepare_all
 
-    base = tmp_path_factory.mktemp("comfy_server")
     for sub in ("models", "input", "output", "temp", "user", "custom_nodes"):
-        (base / sub).mkdir()
+        (base / sub).mkdir(exist_ok=True)
     prepare_all(base / "models", base / "input")
     os.symlink(ROOT, base / "custom_nodes" / "compartments", target_is_directory=True)
     log = base / "server.log"
     server = ComfyServer.start(path, base, log_file=log, python=sys.executable)
     try:
         yield SimpleNamespace(
-            url=server.url, client=server.client, base_dir=base, output_dir=base / "output",
+            url=server.url, client=server.client, base_dir=base, output_dir=base / "output", pack=ROOT,
             log=log, run=lambda wf, **kw: server.client.run(wf, **kw),
         )
     finally:
         server.stop()
-        if os.environ.get("COMPARTMENTS_KEEP_E2E"):
-            kept = Path(tempfile.gettempdir()) / "compartments-e2e-last"
-            shutil.rmtree(kept, ignore_errors=True)
-            shutil.copytree(base / "output", kept)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_server")
+    with running_server(base) as server:
+        yield server
+    if os.environ.get("COMPARTMENTS_KEEP_E2E"):
+        kept = Path(tempfile.gettempdir()) / "compartments-e2e-last"
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(base / "output", kept)
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """:func:`running_server`, for a tier that needs a server of its own (the browser tier)."""
+    return running_server
+
+
+@pytest.fixture(scope="session")
+def comfyui_release() -> str:
+    path = _require_comfyui()
+    from compartments.cli.client import comfyui_version
+
+    return comfyui_version(path)
