@@ -40,21 +40,11 @@ class InProcessComfy:
     version: str
     cpu: bool
 
-    @property
-    def models_dir(self) -> Path:
-        return self.base_dir / "models"
-
-    @property
-    def input_dir(self) -> Path:
-        return self.base_dir / "input"
-
-    @property
-    def output_dir(self) -> Path:
-        return self.base_dir / "output"
-
-    @property
-    def temp_dir(self) -> Path:
-        return self.base_dir / "temp"
+    # ComfyUI's folders under the base directory
+    models_dir = property(lambda self: self.base_dir / "models")
+    input_dir = property(lambda self: self.base_dir / "input")
+    output_dir = property(lambda self: self.base_dir / "output")
+    temp_dir = property(lambda self: self.base_dir / "temp")
 
     def node(self, node_id: str) -> type:
         import nodes
@@ -62,6 +52,17 @@ class InProcessComfy:
         if node_id not in nodes.NODE_CLASS_MAPPINGS:
             raise KeyError(f"no node '{node_id}' in ComfyUI {self.version} (core or Compartments)")
         return nodes.NODE_CLASS_MAPPINGS[node_id]
+
+    def sample(self, model: Any, guider: Any, latent: dict, steps: int = 2, seed: int = 0, sampler: str = "euler",
+               scheduler: str = "normal") -> Any:
+        """Core SamplerCustomAdvanced with ``guider`` (RandomNoise, KSamplerSelect, BasicScheduler on
+        ``model``): the path every GUIDER takes in a user's graph. Returns the sampled latent tensor."""
+        (noise,) = self.run("RandomNoise", noise_seed=seed)
+        (chosen,) = self.run("KSamplerSelect", sampler_name=sampler)
+        (sigmas,) = self.run("BasicScheduler", model=model, scheduler=scheduler, steps=steps, denoise=1.0)
+        out, _ = self.run("SamplerCustomAdvanced", noise=noise, guider=guider, sampler=chosen, sigmas=sigmas,
+                          latent_image=latent)
+        return out["samples"]
 
     def run(self, node: str | type, hidden: dict[str, Any] | None = None, **inputs: Any) -> tuple:
         """Run one node with ``inputs`` and return its outputs as a tuple (UI-only nodes: ``()``)."""

@@ -26,13 +26,8 @@ def unclip(comfy):
 
 
 def _sample(comfy, model, guider):
-    (noise,) = comfy.run("RandomNoise", noise_seed=3)
-    (samp,) = comfy.run("KSamplerSelect", sampler_name="euler")
-    (sigmas,) = comfy.run("BasicScheduler", model=model, scheduler="normal", steps=2, denoise=1.0)
     (latent,) = comfy.run("EmptyLatentImage", width=64, height=64, batch_size=1)
-    out, _ = comfy.run("SamplerCustomAdvanced", noise=noise, guider=guider, sampler=samp, sigmas=sigmas,
-                       latent_image=latent)
-    return out["samples"]
+    return comfy.sample(model, guider, latent, steps=2, seed=3)
 
 
 def test_fixture_is_detected_as_unclip(unclip):
