@@ -22,6 +22,7 @@ from comfy_api.latest import io
 
 from .. import soup as engine
 from ..atomic import replacing
+from ..soup.layout import layout_of
 from ..soup.st import Reader
 from . import _host
 
@@ -88,7 +89,7 @@ def _fingerprint(*checkpoints: str) -> str:
         _scratch_lost += len(gone)
     stats = []
     for name in checkpoints:
-        path = folder_paths.get_full_path("checkpoints", name) if name else None
+        path = _find_member(name) if name else None
         st = os.stat(path) if path and os.path.exists(path) else None
         stats.append([name, st.st_size, st.st_mtime_ns] if st else [name, None])
     return json.dumps([stats, _scratch_lost])
@@ -102,10 +103,19 @@ def _soup_file(soup: SoupRef) -> str:
 
 
 def _load(path: str):
-    """MODEL, CLIP, VAE from a soup file; the running-sum tensors are skipped, not loaded."""
+    """MODEL, CLIP, VAE from a soup file; the running-sum tensors are skipped, not loaded.
+
+    A soup of diffusion-model-only files (Flux and most DiTs) is loaded as core's UNETLoader
+    loads one: MODEL only (CLIP and VAE are None; load them with the model's own loaders).
+    """
     with Reader(path) as r:
         sd = {k: r.tensor(k).clone() for k in r.keys() if not k.startswith(engine.SUM_PREFIX)}
         metadata = dict(r.metadata)
+    if layout_of(sd, os.path.basename(path)).diffusion_only:
+        model = comfy.sd.load_diffusion_model_state_dict(sd)
+        if model is None:
+            raise RuntimeError(f"ComfyUI could not detect the diffusion model type of soup {os.path.basename(path)}.")
+        return model, None, None
     out = comfy.sd.load_state_dict_guess_config(
         sd, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings"),
         metadata=metadata)
@@ -129,8 +139,26 @@ def _soup_outputs() -> list:
     ]
 
 
+# Members: full checkpoints, or diffusion-model-only files (Flux and most DiTs ship that way).
+MEMBER_FOLDERS = ("checkpoints", "diffusion_models")
+
+
 def _checkpoints() -> list[str]:
-    return [n for n in folder_paths.get_filename_list("checkpoints") if n.endswith(".safetensors")]
+    """Every member a soup node offers: models/checkpoints, then models/diffusion_models."""
+    names: list[str] = []
+    for folder in MEMBER_FOLDERS:
+        names += [n for n in folder_paths.get_filename_list(folder) if n.endswith(".safetensors") and n not in names]
+    return names
+
+
+def _find_member(name: str) -> str | None:
+    return next((p for p in (folder_paths.get_full_path(f, name) for f in MEMBER_FOLDERS) if p), None)
+
+
+def _member(name: str, input_name: str) -> str:
+    """The path of a member named in ``input_name``: models/checkpoints first, then models/diffusion_models."""
+    folder = next((f for f in MEMBER_FOLDERS if folder_paths.get_full_path(f, name)), MEMBER_FOLDERS[0])
+    return _host.resolve_file(folder, name, input_name)
 
 
 def _progress_for(path: str):
@@ -148,12 +176,13 @@ class SoupBuild(io.ComfyNode):
             node_id="CompartmentsSoupBuild",
             display_name="Soup Checkpoints",
             category=CATEGORY,
-            description="Diffusion Soup: stream-average checkpoints from the checkpoints folder (uniform or "
-                        "weighted). Memory stays near one tensor, whatever the number of members.",
+            description="Diffusion Soup: stream-average checkpoints (models/checkpoints) or diffusion-model-only files "
+                        "(models/diffusion_models, e.g. Flux fine-tunes), uniform or weighted. Memory stays near "
+                        "one tensor, whatever the number of members.",
             inputs=[
                 io.String.Input("members", multiline=True,
                                 default="soup-member-a.safetensors\nsoup-member-b.safetensors\nsoup-member-c.safetensors",
-                                tooltip="One checkpoint file name per line, optionally ', weight' (default 1). "
+                                tooltip="One checkpoint or diffusion-model file name per line, optionally ', weight' (default 1). "
                                         "Weights are renormalised to sum to 1."),
                 io.Combo.Input("base", options=["first member", *_checkpoints()], default="first member",
                                tooltip="Where the tensors that are not souped (text encoder, VAE) come from."),
@@ -184,8 +213,8 @@ class SoupBuild(io.ComfyNode):
             raise _host.BadInput("members", str(e), "write 'name.safetensors' or 'name.safetensors, 2'.") from e
         if not parsed:
             raise _host.BadInput("members", "no checkpoint listed.", "list one file name per line.")
-        shards = [engine.Shard(_host.resolve_file("checkpoints", n, "members"), w) for n, w in parsed]
-        base_path = None if base == "first member" else _host.resolve_file("checkpoints", base, "base")
+        shards = [engine.Shard(_member(n, "members"), w) for n, w in parsed]
+        base_path = None if base == "first member" else _member(base, "base")
         out = _scratch_path()
         progress = _progress_for(str(shards[0].path))
         with _host.blame("members"):
@@ -222,7 +251,7 @@ class SoupAddShard(io.ComfyNode):
     @classmethod
     def execute(cls, soup: SoupRef, checkpoint: str, weight: float) -> io.NodeOutput:
         _host.check_numbers(cls, weight=weight)
-        shard = _host.resolve_file("checkpoints", checkpoint, "checkpoint")
+        shard = _member(checkpoint, "checkpoint")
         src = _soup_file(soup)
         out = _scratch_path()
         with _host.blame("checkpoint"):
@@ -255,7 +284,7 @@ class SoupRemoveShard(io.ComfyNode):
 
     @classmethod
     def execute(cls, soup: SoupRef, checkpoint: str) -> io.NodeOutput:
-        shard = _host.resolve_file("checkpoints", checkpoint, "checkpoint")
+        shard = _member(checkpoint, "checkpoint")
         src = _soup_file(soup)
         out = _scratch_path()
         with _host.blame("checkpoint"):

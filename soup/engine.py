@@ -31,12 +31,14 @@ from pathlib import Path
 import torch
 
 from ..errors import CompartmentsError
+from .layout import WHOLE, KeyLayout, layout_of
 from .manifest import META_KEY, SUM_PREFIX, UNET_PREFIX, Manifest, Member
 from .pipeline import Output, Parts, Plan, Progress, Source, hash_header, stream
 from .st import DTYPES, FLOATS, NAMES, Planned, Reader
 from .sums import CHUNK, add_checked, axpy, chunks, fill, fits_f32, fp16_static, weights_exact
 
-OUT_DTYPES = {"same": None, "float16": "F16", "bfloat16": "BF16", "float32": "F32"}
+OUT_DTYPES = {"same": None, "float16": "F16", "bfloat16": "BF16", "float32": "F32", "float8_e4m3fn": "F8_E4M3",
+              "float8_e5m2": "F8_E5M2"}
 
 
 class SoupError(CompartmentsError):
@@ -117,17 +119,27 @@ def parse_weights(spec: str, count: int) -> list[float]:
     return weights
 
 
-def souped(key: str, dtype: str, components: str) -> bool:
+def souped(key: str, dtype: str, components: str, layout: KeyLayout | None = None) -> bool:
+    """Is ``key`` averaged: a float tensor of the diffusion model (``layout``'s, default a checkpoint's)
+    or, with ``components='all'``, any float tensor."""
     if key.startswith(SUM_PREFIX) or dtype not in FLOATS:
         return False
-    return components == "all" or key.startswith(UNET_PREFIX)
+    return components == "all" or (layout or KeyLayout(UNET_PREFIX)).is_diffusion(key)
 
 
-def check_compatible(ref: Reader, other: Reader, keys: Sequence[str] | None = None) -> None:
-    """Raise a SoupError naming the first key (sorted) whose presence or shape differs."""
-    a = {k: e for k, e in ref.entries.items() if not k.startswith(SUM_PREFIX)}
-    b = {k: e for k, e in other.entries.items() if not k.startswith(SUM_PREFIX)}
-    wanted = sorted(keys) if keys is not None else sorted(set(a) | set(b))
+def check_compatible(ref: Reader, other: Reader, keys: Sequence[str] | None = None,
+                     layouts: tuple[KeyLayout, KeyLayout] = (WHOLE, WHOLE)) -> None:
+    """Raise a SoupError naming the first key (sorted) whose presence or shape differs.
+
+    Keys are compared under their checkpoint names (``layouts``: where each file keeps its
+    diffusion model), over the part each layout covers: the diffusion model, or every key.
+    """
+    def part(r: Reader, lay: KeyLayout) -> dict:
+        return {lay.canonical(k): e for k, e in r.entries.items()
+                if not k.startswith(SUM_PREFIX) and (lay.whole or lay.is_diffusion(k))}
+
+    a, b = part(ref, layouts[0]), part(other, layouts[1])
+    wanted = sorted(layouts[0].canonical(k) for k in keys) if keys is not None else sorted(set(a) | set(b))
     for k in wanted:
         ea, eb = a.get(k), b.get(k)
         if ea is None or eb is None or ea.shape != eb.shape:
@@ -136,7 +148,7 @@ def check_compatible(ref: Reader, other: Reader, keys: Sequence[str] | None = No
             raise SoupError(
                 f"members do not share one architecture: first differing key '{k}': "
                 f"{sa} in {ref.path.name} vs {sb} in {other.path.name}. "
-                "Soup only checkpoints fine-tuned from the same base model.")
+                "Soup only models fine-tuned from the same base model.")
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:
@@ -151,10 +163,11 @@ def content_id(path: str | os.PathLike, components: str = "unet") -> str:
     """The member id: sha256 over the tensors that would be souped (sorted key order)."""
     h = hashlib.sha256()
     with Reader(path) as r:
+        lay = layout_of(r.entries, r.path.name, components)
         for k in sorted(r.entries):
             e = r.entries[k]
-            if souped(k, e.dtype, components):
-                hash_header(h, k, e.dtype, e.shape)  # as the pipeline hashes members while streaming
+            if souped(k, e.dtype, components, lay):
+                hash_header(h, lay.canonical(k), e.dtype, e.shape)  # as the pipeline hashes members while streaming
                 h.update(r.raw(k))
     return h.hexdigest()
 
@@ -259,13 +272,17 @@ def build_soup(shards: Sequence[Shard | str | os.PathLike], out: str | os.PathLi
         readers = [opened.enter_context(Reader(s.path)) for s in items]
         base_r = opened.enter_context(Reader(base_path))
         keys = sorted(k for k in base_r.entries if not k.startswith(SUM_PREFIX))
-        for r in readers:
-            check_compatible(base_r, r)
-        sk = {k for k in keys if souped(k, base_r.entries[k].dtype, components)}
+        base_lay = layout_of(base_r.entries, base_path.name, components)
+        lays = [layout_of(r.entries, r.path.name, components) for r in readers]
+        for r, lay in zip(readers, lays, strict=True):
+            check_compatible(base_r, r, layouts=(base_lay, lay))
+        sk = {k for k in keys if souped(k, base_r.entries[k].dtype, components, base_lay)}
         if not sk:
-            raise SoupError(f"{base_path.name} has no tensors to soup under '{UNET_PREFIX}' "
-                            "(is it a full checkpoint? try components='all').")
-        member_dtypes = {r.entries[k].dtype for r in readers for k in sk}
+            raise SoupError(f"{base_path.name} has no float tensors to soup in its diffusion model "
+                            "(try components='all').")
+        # each member's name for a key of the base (the two may be a checkpoint and a diffusion-model-only file)
+        names = [{k: lay.key(base_lay.relative(k)) for k in sk} for lay in lays]
+        member_dtypes = {r.entries[n[k]].dtype for r, n in zip(readers, names, strict=True) for k in sk}
         weights = [s.weight for s in items]
         method = WeightedSum(weights, float(_total(weights)), keep_sum,
                              exact=keep_sum and weights_exact(weights, member_dtypes),
@@ -273,7 +290,8 @@ def build_soup(shards: Sequence[Shard | str | os.PathLike], out: str | os.PathLi
                              acc_dtype=torch.float64 if keep_sum else torch.float32)
         hashes = [hashlib.sha256() for _ in items]
         base_hash = hashlib.sha256()
-        outputs = [_souped(k, tuple((Source(r, k, h),) for r, h in zip(readers, hashes, strict=True)),
+        outputs = [_souped(k, tuple((Source(r, n[k], h, base_lay.canonical(k)),)
+                                    for r, n, h in zip(readers, names, hashes, strict=True)),
                            OUT_DTYPES[dtype] or base_r.entries[k].dtype, base_r.entries[k].shape, keep_sum)
                    if k in sk else Output.copied(Source(base_r, k, base_hash)) for k in keys]
         manifest = Manifest(
@@ -363,9 +381,13 @@ class _Update:
         self.sr = opened.enter_context(Reader(self.soup))
         self.hr = opened.enter_context(Reader(self.shard))
         self.keys = sorted(k for k in self.sr.entries if not k.startswith(SUM_PREFIX))
-        self.sk = {k for k in self.keys if souped(k, self.sr.entries[k].dtype, self.man.components)}
-        check_compatible(self.sr, self.hr, self.sk)
-        self.shard_dtypes = {self.hr.entries[k].dtype for k in self.sk}
+        self.lay = layout_of((k for k in self.sr.entries if not k.startswith(SUM_PREFIX)), self.soup.name,
+                             self.man.components)
+        shard_lay = layout_of(self.hr.entries, self.shard.name, self.man.components)
+        self.sk = {k for k in self.keys if souped(k, self.sr.entries[k].dtype, self.man.components, self.lay)}
+        check_compatible(self.sr, self.hr, self.sk, layouts=(self.lay, shard_lay))
+        self.names = {k: shard_lay.key(self.lay.relative(k)) for k in self.sk}  # the shard's name for each key
+        self.shard_dtypes = {self.hr.entries[self.names[k]].dtype for k in self.sk}
         self.digest = hashlib.sha256()
 
     @classmethod
@@ -391,8 +413,8 @@ class _Update:
         method = WeightedSum([1.0 if man.sum_stored else man.total_weight, coeff], float(fr_total),
                              man.sum_stored, exact=exact, static=static)
         src = SUM_PREFIX if man.sum_stored else ""  # the soup's exact running sum, else the averaged tensor
-        outputs = [_souped(k, ((Source(sr, src + k), Source(self.hr, k, self.digest)),), sr.entries[k].dtype,
-                           sr.entries[k].shape, man.sum_stored)
+        outputs = [_souped(k, ((Source(sr, src + k), Source(self.hr, self.names[k], self.digest, self.lay.canonical(k))),),
+                           sr.entries[k].dtype, sr.entries[k].shape, man.sum_stored)
                    if k in self.sk else Output.copied(Source(sr, k)) for k in self.keys]
         new_man = Manifest.from_json(man.to_json())
         reserve = 2048 + 300 + 2 * len(self.shard.name) + 200

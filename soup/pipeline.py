@@ -37,11 +37,13 @@ def hash_header(h: Any, key: str, dtype: str, shape: Sequence[int]) -> None:
 
 @dataclass(frozen=True)
 class Source:
-    """One tensor to read: ``key`` of ``reader``; with ``digest``, also hashed into that member id."""
+    """One tensor to read: ``key`` of ``reader``; with ``digest``, also hashed into that member id,
+    under the name ``hashed_as`` (default ``key``: see ``layout.KeyLayout.canonical``)."""
 
     reader: Reader
     key: str
     digest: Any = None  # a hashlib object, fed hash_header + bytes
+    hashed_as: str | None = None
 
     @property
     def entry(self) -> Entry:
@@ -156,7 +158,7 @@ class _Reads:
         hashing = []
         for s, raw in zip(job, raws, strict=True):
             if s.digest is not None:
-                hash_header(s.digest, s.key, s.entry.dtype, s.entry.shape)
+                hash_header(s.digest, s.hashed_as or s.key, s.entry.dtype, s.entry.shape)
                 hashing.append(self._hasher.submit(s.digest.update, raw))
         try:
             yield list(zip(job, raws, strict=True))

@@ -11,7 +11,10 @@ from fractions import Fraction
 
 import torch
 
-MANTISSA = {"F16": 11, "BF16": 8, "F32": 24, "F64": 53}
+# significand bits (with the implicit one) of each storage dtype
+MANTISSA = {"F16": 11, "BF16": 8, "F32": 24, "F64": 53, "F8_E4M3": 4, "F8_E5M2": 3}
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+NARROW = (torch.float16, torch.bfloat16, *FP8)
 CHUNK = 1 << 17  # elements per step: a float64 chunk (1 MiB) stays in cache; mixed-dtype ops run ~2x faster
 
 
@@ -47,13 +50,14 @@ def chunks(n: int) -> range:
 
 
 def _staged(x: torch.Tensor, i: int, a: torch.Tensor, stage: torch.Tensor) -> torch.Tensor:
-    """Chunk i of x, widened to float32 first when a is float64 and x half precision.
+    """Chunk i of x, widened to float32 first when x is half precision or fp8.
 
     Two cheap vectorised casts (f16->f32, then f32->f64 inside add) beat one direct
-    f16->f64 cast on CPUs; float32 holds every fp16/bf16 value exactly, so nothing changes.
+    f16->f64 cast on CPUs; float32 holds every fp16/bf16/fp8 value exactly, so nothing changes.
+    fp8 must be widened in any case: torch does not promote float8 in arithmetic.
     """
     c = x[i:i + CHUNK]
-    if a.dtype == torch.float64 and c.dtype in (torch.float16, torch.bfloat16):
+    if c.dtype in NARROW and (a.dtype == torch.float64 or c.dtype in FP8):
         st = stage[: c.numel()]
         st.copy_(c)
         return st

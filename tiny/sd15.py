@@ -62,36 +62,50 @@ def _resblock(p: str, cin: int, cout: int, emb: int) -> Shapes:
         yield from _conv(f"{p}.skip_connection", cin, cout, 1)
 
 
-def _transformer(p: str, ch: int, ctx: int) -> Shapes:
+def _transformer(p: str, ch: int, ctx: int, depth: int = 1, linear: bool = False) -> Shapes:
+    """A SpatialTransformer: 1x1-conv projections (SD1.x) or linear ones (SDXL), ``depth`` blocks."""
+    proj = _linear if linear else (lambda name, cin, cout: _conv(name, cin, cout, 1))
     yield from _norm(f"{p}.norm", ch)
-    yield from _conv(f"{p}.proj_in", ch, ch, 1)
-    b = f"{p}.transformer_blocks.0"
-    for attn, kv in (("attn1", ch), ("attn2", ctx)):
-        yield from _linear(f"{b}.{attn}.to_q", ch, ch, bias=False)
-        yield from _linear(f"{b}.{attn}.to_k", kv, ch, bias=False)
-        yield from _linear(f"{b}.{attn}.to_v", kv, ch, bias=False)
-        yield from _linear(f"{b}.{attn}.to_out.0", ch, ch)
-    yield from _linear(f"{b}.ff.net.0.proj", ch, ch * 8)
-    yield from _linear(f"{b}.ff.net.2", ch * 4, ch)
-    for n in ("norm1", "norm2", "norm3"):
-        yield from _norm(f"{b}.{n}", ch)
-    yield from _conv(f"{p}.proj_out", ch, ch, 1)
+    yield from proj(f"{p}.proj_in", ch, ch)
+    for d in range(depth):
+        b = f"{p}.transformer_blocks.{d}"
+        for attn, kv in (("attn1", ch), ("attn2", ctx)):
+            yield from _linear(f"{b}.{attn}.to_q", ch, ch, bias=False)
+            yield from _linear(f"{b}.{attn}.to_k", kv, ch, bias=False)
+            yield from _linear(f"{b}.{attn}.to_v", kv, ch, bias=False)
+            yield from _linear(f"{b}.{attn}.to_out.0", ch, ch)
+        yield from _linear(f"{b}.ff.net.0.proj", ch, ch * 8)
+        yield from _linear(f"{b}.ff.net.2", ch * 4, ch)
+        for n in ("norm1", "norm2", "norm3"):
+            yield from _norm(f"{b}.{n}", ch)
+    yield from proj(f"{p}.proj_out", ch, ch)
 
 
 def unet_shapes(cfg: dict = UNET_CONFIG, prefix: str = "model.diffusion_model.") -> Shapes:
+    """openaimodel UNet keys. SD1.x: ``attention`` per level, one transformer block each. SDXL-family:
+    ``transformer_depth`` (per input block), ``transformer_depth_output``, ``transformer_depth_middle``,
+    linear projections and the ADM ``label_emb`` (``adm_in_channels``)."""
     mc, emb, ctx = cfg["model_channels"], cfg["time_embed_dim"], cfg["context_dim"]
-    mult, nres, attn = cfg["channel_mult"], cfg["num_res_blocks"], cfg["attention"]
+    mult, nres = cfg["channel_mult"], cfg["num_res_blocks"]
+    linear = "transformer_depth" in cfg
+    per_level = [int(a) for a in cfg.get("attention", [])]
+    depth_in = iter(cfg.get("transformer_depth") or [d for d in per_level for _ in range(nres)])
+    depth_out = iter(cfg.get("transformer_depth_output") or [d for d in reversed(per_level) for _ in range(nres + 1)])
     P = prefix
     yield from _linear(f"{P}time_embed.0", mc, emb)
     yield from _linear(f"{P}time_embed.2", emb, emb)
-    yield from _conv(f"{P}input_blocks.0.0", cfg["in_channels"], mc)
+    if linear and cfg.get("adm_in_channels"):  # SDXL-style configs; unCLIP's adds its own after the blocks
+        yield from _linear(f"{P}label_emb.0.0", cfg["adm_in_channels"], emb)
+        yield from _linear(f"{P}label_emb.0.2", emb, emb)
+    yield from _conv(f"{P}input_blocks.0.0", cfg.get("in_channels", 4), mc)
     chans, ch, idx = [mc], mc, 1
     for level, m in enumerate(mult):
         for _ in range(nres):
             yield from _resblock(f"{P}input_blocks.{idx}.0", ch, m * mc, emb)
             ch = m * mc
-            if attn[level]:
-                yield from _transformer(f"{P}input_blocks.{idx}.1", ch, ctx)
+            depth = next(depth_in)
+            if depth:
+                yield from _transformer(f"{P}input_blocks.{idx}.1", ch, ctx, depth, linear)
             chans.append(ch)
             idx += 1
         if level != len(mult) - 1:
@@ -99,7 +113,7 @@ def unet_shapes(cfg: dict = UNET_CONFIG, prefix: str = "model.diffusion_model.")
             chans.append(ch)
             idx += 1
     yield from _resblock(f"{P}middle_block.0", ch, ch, emb)
-    yield from _transformer(f"{P}middle_block.1", ch, ctx)
+    yield from _transformer(f"{P}middle_block.1", ch, ctx, cfg.get("transformer_depth_middle", 1), linear)
     yield from _resblock(f"{P}middle_block.2", ch, ch, emb)
     idx = 0
     for level, m in reversed(list(enumerate(mult))):
@@ -108,14 +122,15 @@ def unet_shapes(cfg: dict = UNET_CONFIG, prefix: str = "model.diffusion_model.")
             yield from _resblock(f"{P}output_blocks.{idx}.0", ch + skip, m * mc, emb)
             ch = m * mc
             sub = 1
-            if attn[level]:
-                yield from _transformer(f"{P}output_blocks.{idx}.1", ch, ctx)
+            depth = next(depth_out)
+            if depth:
+                yield from _transformer(f"{P}output_blocks.{idx}.1", ch, ctx, depth, linear)
                 sub = 2
             if level and i == nres:
                 yield from _conv(f"{P}output_blocks.{idx}.{sub}.conv", ch, ch)
             idx += 1
     yield from _norm(f"{P}out.0", ch)
-    yield from _conv(f"{P}out.2", ch, cfg["out_channels"])
+    yield from _conv(f"{P}out.2", ch, cfg.get("out_channels", 4))
 
 
 # --- VAE (ldm AutoencoderKL layout) ----------------------------------------------------------
