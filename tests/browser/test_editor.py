@@ -70,8 +70,10 @@ def browser():
         from selenium.webdriver.chrome.service import Service
     except ImportError as exc:
         pytest.skip(f"selenium is not installed ({exc}); it is in the test extra")
+    profile = tempfile.mkdtemp(prefix="compartments-chromium-")  # removed after: Chromium leaves it in /tmp
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
+    opts.add_argument(f"--user-data-dir={profile}")
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 "--window-size=1600,1000", "--no-first-run", "--disable-extensions"):
         opts.add_argument(arg)
@@ -79,12 +81,16 @@ def browser():
     try:
         driver = webdriver.Chrome(service=Service(driver_path), options=opts)
     except Exception as exc:  # noqa: BLE001 - any start failure is a reason to skip, printed
+        shutil.rmtree(profile, ignore_errors=True)
         reason = f"Chromium did not start: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         print(f"browser tier skipped: {reason}")
         pytest.skip(reason)
     driver.set_script_timeout(60)
-    yield driver
-    driver.quit()
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
 
 
 def _wait(predicate, timeout: float, what: str):
