@@ -108,7 +108,7 @@ def resolve_dir(name: str, sub: str, input_name: str) -> str:
         if os.path.commonpath([cand, root]) == root and cand != root and os.path.isdir(cand):
             return cand
     raise BadInput(input_name, f"'{sub}' is not a folder under models/{name}.",
-                     f"put it in {folder_dirs(name)[0]} and refresh the page.")
+                   f"put it in {folder_dirs(name)[0]} and refresh the page.")
 
 
 def resolve_file(name: str, filename: str, input_name: str) -> str:
@@ -117,10 +117,10 @@ def resolve_file(name: str, filename: str, input_name: str) -> str:
     path = folder_paths.get_full_path(name, filename)
     if path is None:
         raise BadInput(input_name, f"'{filename}' is not in models/{name}.",
-                         f"put the file in {folder_dirs(name)[0]} and refresh the page.")
+                       f"put the file in {folder_dirs(name)[0]} and refresh the page.")
     if not path.endswith(".safetensors"):
         raise BadInput(input_name, f"'{filename}' is not a .safetensors file.",
-                         "Compartments loads safetensors only (no pickle); convert the file first.")
+                       "Compartments loads safetensors only (no pickle); convert the file first.")
     return path
 
 
@@ -133,7 +133,7 @@ def save_path(name: str, filename: str, input_name: str) -> str:
     path = os.path.abspath(os.path.join(base, filename))
     if os.path.commonpath([path, base]) != base:
         raise BadInput(input_name, f"'{filename}' points outside models/{name}.",
-                         "use a plain name or a sub-folder path without '..'.")
+                       "use a plain name or a sub-folder path without '..'.")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     return path
 
@@ -176,10 +176,10 @@ def check_numbers(cls: Any, **values: Any) -> None:
         lo, hi = getattr(spec, "min", None), getattr(spec, "max", None)
         if not math.isfinite(v):
             raise BadInput(label, f"{value!r} is not a finite number.",
-                             f"give a number{f' from {lo:g} to {hi:g}' if lo is not None and hi is not None else ''}.")
+                           f"give a number{f' from {lo:g} to {hi:g}' if lo is not None and hi is not None else ''}.")
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             raise BadInput(label, f"{v:g} is outside {lo:g}..{hi:g}.",
-                             f"give a number from {lo:g} to {hi:g}.")
+                           f"give a number from {lo:g} to {hi:g}.")
 
 
 def translated(node: str, exc: CompartmentsError) -> InputError:

@@ -114,7 +114,7 @@ class CPRImageConditioning(io.ComfyNode):
         _host.check_numbers(cls, strength=strength, noise_augmentation=noise_augmentation)
         if images is None or images.shape[0] == 0:
             raise _host.BadInput("images", "no images were given.",
-                                   "connect Retrieve Images (k >= 1) or use CPR Private Conditioning (prompt only).")
+                                 "connect Retrieve Images (k >= 1) or use CPR Private Conditioning (prompt only).")
         entries = []
         n = images.shape[0]
         for i in range(n):
@@ -352,7 +352,7 @@ class CPRAudit(io.ComfyNode):
     def execute(cls, guider, latent) -> io.NodeOutput:
         if not isinstance(guider, CPRGuider):
             raise _host.BadInput("guider", f"expects a CPR guider, got {type(guider).__name__}.",
-                                   "connect CPR-KL Guider or CPR-Choose Guider.")
+                                 "connect CPR-KL Guider or CPR-Choose Guider.")
         return io.NodeOutput(json.dumps(guider.audit()))
 
 

@@ -103,7 +103,7 @@ class LoadVLM(io.ComfyNode):
             detect_family(path)
         except VLMFolderError as exc:
             raise _host.BadInput("model_folder", str(exc),
-                                   "pick a LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL or PaliGemma folder.") from exc
+                                 "pick a LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL or PaliGemma folder.") from exc
         load_device = comfy.model_management.get_torch_device()
         offload = comfy.model_management.text_encoder_offload_device()
         torch_dtype = _dtype(dtype, load_device)
@@ -123,7 +123,7 @@ def _caption(handle: VLMHandle, images: torch.Tensor, prompt: str, settings: M3I
         raise _host.BadInput("vlm", "is not a loaded captioning model.", "connect Load Captioning Model.")
     if not prompt or not prompt.strip():
         raise _host.BadInput("prompt", "is empty.", "write what the caption should answer, "
-                               "e.g. 'Describe this image in detail.'")
+                             "e.g. 'Describe this image in detail.'")
     if settings.max_new_tokens < 1:
         raise _host.BadInput("max_tokens", f"is {settings.max_new_tokens}.", "use at least 1.")
     if settings.lam < 0:

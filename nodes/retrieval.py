@@ -72,7 +72,7 @@ def _weights_path(name: str) -> str:
         if folder_paths.get_full_path(folder, name):
             return _host.resolve_file(folder, name, "weights")
     raise _host.BadInput("weights", f"'{name}' is in neither models/{OPEN_CLIP} nor models/clip_vision.",
-                           f"put open_clip safetensors weights in {_host.folder_dirs(OPEN_CLIP)[0]} and refresh.")
+                         f"put open_clip safetensors weights in {_host.folder_dirs(OPEN_CLIP)[0]} and refresh.")
 
 
 _EMBEDDERS: dict[tuple, tuple[Embedder, comfy.model_patcher.ModelPatcher]] = {}
@@ -87,7 +87,7 @@ def _embedder(weights_path: str, model_name: str) -> Embedder:
             emb = Embedder(weights_path, model_name)
         except EmbedderError as exc:
             raise _host.BadInput("model_config", str(exc),
-                                   "pick the open_clip config that matches the weights.") from exc
+                                 "pick the open_clip config that matches the weights.") from exc
         patcher = comfy.model_patcher.ModelPatcher(emb.model, load_device=comfy.model_management.get_torch_device(),
                                                    offload_device=comfy.model_management.unet_offload_device())
         _EMBEDDERS.clear()
@@ -102,7 +102,7 @@ def _store_path(name: str) -> Path:
     name = name.strip()
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,99}", name) or ".." in name:
         raise _host.BadInput("store_name", f"'{name}' is not a usable store name.",
-                               "use letters, digits, '-', '_', '.', spaces; no slashes.")
+                             "use letters, digits, '-', '_', '.', spaces; no slashes.")
     for base in _host.folder_dirs(STORES):
         if (Path(base) / name).is_dir():
             return Path(base) / name
@@ -121,7 +121,7 @@ def _input_folder(name: str) -> Path:
     cand = os.path.realpath(os.path.join(base, name))
     if os.path.commonpath([cand, base]) != base or cand == base or not os.path.isdir(cand):
         raise _host.BadInput("folder", f"'{name}' is not a folder under ComfyUI's input directory.",
-                               f"put the images in a folder inside {base} and refresh.")
+                             f"put the images in a folder inside {base} and refresh.")
     return Path(cand)
 
 

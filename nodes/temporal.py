@@ -66,7 +66,7 @@ def _load(folder: str, name: str, input_name: str) -> LoadedTemporal:
             frames = None
     except FormatError as exc:
         raise BadInput(input_name, f"'{name}': {exc}",
-                         "pick an AnimateDiff motion module (SD1.5 v1/v2/v3, SDXL) or Compartments layers.") from exc
+                       "pick an AnimateDiff motion module (SD1.5 v1/v2/v3, SDXL) or Compartments layers.") from exc
     module.eval().requires_grad_(False)
     return LoadedTemporal(module, info, name, frames)
 
@@ -290,7 +290,7 @@ def decode_video(vae: Any, latent: Any, frames_per_pass: int = 0, overlap: int =
     length = frames if frames_per_pass in (0, None) else int(frames_per_pass)
     if length > frames:
         raise BadInput("frames_per_pass", f"the video has {frames} frames, fewer than {length}.",
-                         "use at most the frame count, or 0 for the whole video in one pass.")
+                       "use at most the frame count, or 0 for the whole video in one pass.")
     if length < frames and overlap >= length:
         raise BadInput("overlap", f"{overlap} must be smaller than frames_per_pass ({length}).")
     comfy.model_management.load_models_gpu([vae.patcher])
@@ -334,7 +334,7 @@ class VAEDecodeVideo(io.ComfyNode):
         latent = samples["samples"]
         if latent.ndim != 4:
             raise BadInput("samples", f"expected frames x 4 x h x w, got {tuple(latent.shape)}.",
-                             "pass an image-model latent whose batch holds the frames.")
+                           "pass an image-model latent whose batch holds the frames.")
         images, mode = decode_video(vae, latent, frames_per_pass, overlap)
         return io.NodeOutput(images, mode)
 

@@ -78,7 +78,7 @@ def prediction_of(model_sampling) -> tuple[str, float]:
         if isinstance(model_sampling, cls):
             return name, float(getattr(model_sampling, "sigma_data", 1.0))
     raise _host.BadInput("model", f"model sampling {type(model_sampling).__name__} is not supported "
-                           "(eps, v, x0, EDM or flow models only).")
+                         "(eps, v, x0, EDM or flow models only).")
 
 
 def empty_conditioning(model) -> list:
@@ -125,7 +125,7 @@ def train_on_model(model, latents: torch.Tensor, positive: list | None, config: 
                 check_compatible(info.layout(), layout)
             except (formats.FormatError, LayoutMismatch) as exc:
                 raise _host.BadInput("resume", f"cannot resume from '{os.path.basename(save_to)}': {exc}",
-                                       "turn resume off to start new layers, or pick another save name.") from exc
+                                     "turn resume off to start new layers, or pick another save name.") from exc
         else:
             module = MotionModule(layout, kinds, max_frames=max(32, config.frames_per_clip))
         module.to(comfy.model_management.get_torch_device())
@@ -167,14 +167,14 @@ def encode_frames(vae, images: torch.Tensor | None, latent: dict | None) -> torc
         samples = latent["samples"]
         if samples.ndim != 4:
             raise _host.BadInput("latent", f"expected a batch of image latents [frames, C, h, w], "
-                                   f"got shape {tuple(samples.shape)}.", "encode the frames with an image VAE.")
+                                 f"got shape {tuple(samples.shape)}.", "encode the frames with an image VAE.")
         return samples
     if images is None:
         raise _host.BadInput("images", "no frames: connect IMAGE frames (with a VAE) or a LATENT batch.",
-                               "load a video, an animated WEBP/GIF or a folder of frames as an IMAGE batch.")
+                             "load a video, an animated WEBP/GIF or a folder of frames as an IMAGE batch.")
     if vae is None:
         raise _host.BadInput("vae", "IMAGE frames need a VAE to encode them.",
-                               "connect the checkpoint's VAE (or give a LATENT batch instead).")
+                             "connect the checkpoint's VAE (or give a LATENT batch instead).")
     return vae.encode(images[:, :, :, :3])
 
 
@@ -237,12 +237,12 @@ class TrainTemporalLayers(io.ComfyNode):
             check_layers_path(save_to)
         if resume and not os.path.exists(save_to):
             raise _host.BadInput("resume", f"nothing to resume: '{save_name}' is not in models/{FOLDER}.",
-                                   "turn resume off for the first run.")
+                                 "turn resume off for the first run.")
         with torch.no_grad():  # the VAE is not trained; its weights may be inference tensors
             latents = encode_frames(vae, images, latent)
         if latents.shape[0] < frames_per_clip:
             raise _host.BadInput("frames_per_clip", f"the clip has {latents.shape[0]} frames, fewer than "
-                                   f"frames_per_clip={frames_per_clip}.", "give more frames or lower frames_per_clip.")
+                                 f"frames_per_clip={frames_per_clip}.", "give more frames or lower frames_per_clip.")
         config = TrainConfig(steps=steps, lr=lr, frames_per_clip=frames_per_clip, seed=seed, save_every=save_every,
                              eval_draws=eval_draws)
         with _host.blame("model"):
