@@ -98,7 +98,7 @@ def _fingerprint(*checkpoints: str) -> str:
 def _soup_file(soup: SoupRef) -> str:
     if not os.path.exists(soup.path):
         raise _host.BadInput("soup", f"the soup file {soup.path} is gone (ComfyUI's temp folder was emptied).",
-                               "queue the workflow again: the soup node re-runs; keep soups with Save Soup.")
+                             "queue the workflow again: the soup node re-runs; keep soups with Save Soup.")
     return soup.path
 
 
@@ -143,7 +143,7 @@ def _soup_outputs() -> list:
 MEMBER_FOLDERS = ("checkpoints", "diffusion_models")
 
 
-def _checkpoints() -> list[str]:
+def _member_files() -> list[str]:
     """Every member a soup node offers: models/checkpoints, then models/diffusion_models."""
     names: list[str] = []
     for folder in MEMBER_FOLDERS:
@@ -151,14 +151,18 @@ def _checkpoints() -> list[str]:
     return names
 
 
+def _member_folder(name: str) -> str:
+    """The folder a member name is found in (checkpoints first); checkpoints when it is in neither."""
+    return next((f for f in MEMBER_FOLDERS if folder_paths.get_full_path(f, name)), MEMBER_FOLDERS[0])
+
+
 def _find_member(name: str) -> str | None:
-    return next((p for p in (folder_paths.get_full_path(f, name) for f in MEMBER_FOLDERS) if p), None)
+    return folder_paths.get_full_path(_member_folder(name), name)
 
 
 def _member(name: str, input_name: str) -> str:
-    """The path of a member named in ``input_name``: models/checkpoints first, then models/diffusion_models."""
-    folder = next((f for f in MEMBER_FOLDERS if folder_paths.get_full_path(f, name)), MEMBER_FOLDERS[0])
-    return _host.resolve_file(folder, name, input_name)
+    """The path of a member named in ``input_name``, or BadInput naming the folder it is missing from."""
+    return _host.resolve_file(_member_folder(name), name, input_name)
 
 
 def _progress_for(path: str):
@@ -184,12 +188,14 @@ class SoupBuild(io.ComfyNode):
                                 default="soup-member-a.safetensors\nsoup-member-b.safetensors\nsoup-member-c.safetensors",
                                 tooltip="One checkpoint or diffusion-model file name per line, optionally ', weight' (default 1). "
                                         "Weights are renormalised to sum to 1."),
-                io.Combo.Input("base", options=["first member", *_checkpoints()], default="first member",
+                io.Combo.Input("base", options=["first member", *_member_files()], default="first member",
                                tooltip="Where the tensors that are not souped (text encoder, VAE) come from."),
                 io.Combo.Input("components", options=["unet", "all"], default="unet",
-                               tooltip="unet: soup only model.diffusion_model.*; all: every float tensor."),
+                               tooltip="unet: soup only the diffusion model (model.diffusion_model.* in a "
+                                       "checkpoint, everything in a diffusion-model-only file); all: every float "
+                                       "tensor."),
                 io.Combo.Input("dtype", options=list(engine.OUT_DTYPES), default="same",
-                               tooltip="Storage dtype of the souped tensors: same as the members, or fp16, bf16, fp32."),
+                               tooltip="Storage dtype of the souped tensors: same as the base, or fp16, bf16, fp32, fp8."),
                 io.Boolean.Input("keep_sum", default=True,
                                  tooltip="Store the float64 running sum so that add/remove are exact (bitwise "
                                          "equal to a rebuild); costs extra file size."),
@@ -236,8 +242,9 @@ class SoupAddShard(io.ComfyNode):
             inputs=[
                 SoupType.Input("soup",
                                tooltip="A soup (Soup Checkpoints, Load Soup, or another Add/Remove Shard)."),
-                io.Combo.Input("checkpoint", options=_checkpoints(),
-                               tooltip="The checkpoint to add as a new member (fine-tuned from the same base)."),
+                io.Combo.Input("checkpoint", options=_member_files(),
+                               tooltip="The checkpoint or diffusion-model file to add as a new member (fine-tuned "
+                                       "from the same base)."),
                 io.Float.Input("weight", default=1.0, min=0.001, max=1000.0, step=0.01,
                                tooltip="Its weight relative to the members' weights (1 = the share of a uniform member)."),
             ],
@@ -273,7 +280,8 @@ class SoupRemoveShard(io.ComfyNode):
             inputs=[
                 SoupType.Input("soup",
                                tooltip="A soup (Soup Checkpoints, Load Soup, or Add/Remove Shard) that has the member."),
-                io.Combo.Input("checkpoint", options=_checkpoints(), tooltip="The member's checkpoint file."),
+                io.Combo.Input("checkpoint", options=_member_files(),
+                               tooltip="The member's file (a checkpoint or a diffusion-model-only file)."),
             ],
             outputs=_soup_outputs(),
         )
@@ -318,7 +326,7 @@ class SoupSave(io.ComfyNode):
         target = _host.save_path(SOUPS, filename.strip() or "soup", "filename")
         if os.path.exists(target) and not overwrite:
             raise _host.BadInput("filename", f"{os.path.basename(target)} already exists in models/soups.",
-                                   "choose another name or enable overwrite.")
+                                 "choose another name or enable overwrite.")
         src = _soup_file(soup)
         with replacing(target, suffix=".partial", fsync=True) as tmp:  # the keeper: on disk before the rename
             shutil.copyfile(src, tmp)
@@ -471,7 +479,7 @@ class SoupModelsAny(io.ComfyNode):
             ws = engine.parse_weights(weights, len(ordered))
         except engine.SoupError as e:
             raise _host.BadInput("weights", str(e) + ".",
-                                   "write one weight per connected model, e.g. '2, 1, 1', or leave it empty.") from e
+                                 "write one weight per connected model, e.g. '2, 1, 1', or leave it empty.") from e
         return io.NodeOutput(soup_as_patches(list(zip(ordered, ws, strict=True))))
 
 

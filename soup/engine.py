@@ -32,7 +32,7 @@ import torch
 
 from ..errors import CompartmentsError
 from .layout import WHOLE, KeyLayout, layout_of
-from .manifest import META_KEY, SUM_PREFIX, UNET_PREFIX, Manifest, Member
+from .manifest import META_KEY, SUM_PREFIX, Manifest, Member
 from .pipeline import Output, Parts, Plan, Progress, Source, hash_header, stream
 from .st import DTYPES, FLOATS, NAMES, Planned, Reader
 from .sums import CHUNK, add_checked, axpy, chunks, fill, fits_f32, fp16_static, weights_exact
@@ -119,12 +119,10 @@ def parse_weights(spec: str, count: int) -> list[float]:
     return weights
 
 
-def souped(key: str, dtype: str, components: str, layout: KeyLayout | None = None) -> bool:
-    """Is ``key`` averaged: a float tensor of the diffusion model (``layout``'s, default a checkpoint's)
-    or, with ``components='all'``, any float tensor."""
-    if key.startswith(SUM_PREFIX) or dtype not in FLOATS:
-        return False
-    return components == "all" or (layout or KeyLayout(UNET_PREFIX)).is_diffusion(key)
+def souped(key: str, dtype: str, layout: KeyLayout) -> bool:
+    """Is ``key`` averaged: a float tensor of the diffusion model where ``layout`` keeps it (any float
+    tensor for ``components='all'``, whose layout is :data:`layout.WHOLE`)."""
+    return not key.startswith(SUM_PREFIX) and dtype in FLOATS and layout.is_diffusion(key)
 
 
 def check_compatible(ref: Reader, other: Reader, keys: Sequence[str] | None = None,
@@ -166,7 +164,7 @@ def content_id(path: str | os.PathLike, components: str = "unet") -> str:
         lay = layout_of(r.entries, r.path.name, components)
         for k in sorted(r.entries):
             e = r.entries[k]
-            if souped(k, e.dtype, components, lay):
+            if souped(k, e.dtype, lay):
                 hash_header(h, lay.canonical(k), e.dtype, e.shape)  # as the pipeline hashes members while streaming
                 h.update(r.raw(k))
     return h.hexdigest()
@@ -276,7 +274,7 @@ def build_soup(shards: Sequence[Shard | str | os.PathLike], out: str | os.PathLi
         lays = [layout_of(r.entries, r.path.name, components) for r in readers]
         for r, lay in zip(readers, lays, strict=True):
             check_compatible(base_r, r, layouts=(base_lay, lay))
-        sk = {k for k in keys if souped(k, base_r.entries[k].dtype, components, base_lay)}
+        sk = {k for k in keys if souped(k, base_r.entries[k].dtype, base_lay)}
         if not sk:
             raise SoupError(f"{base_path.name} has no float tensors to soup in its diffusion model "
                             "(try components='all').")
@@ -384,7 +382,7 @@ class _Update:
         self.lay = layout_of((k for k in self.sr.entries if not k.startswith(SUM_PREFIX)), self.soup.name,
                              self.man.components)
         shard_lay = layout_of(self.hr.entries, self.shard.name, self.man.components)
-        self.sk = {k for k in self.keys if souped(k, self.sr.entries[k].dtype, self.man.components, self.lay)}
+        self.sk = {k for k in self.keys if souped(k, self.sr.entries[k].dtype, self.lay)}
         check_compatible(self.sr, self.hr, self.sk, layouts=(self.lay, shard_lay))
         self.names = {k: shard_lay.key(self.lay.relative(k)) for k in self.sk}  # the shard's name for each key
         self.shard_dtypes = {self.hr.entries[self.names[k]].dtype for k in self.sk}

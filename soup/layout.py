@@ -38,7 +38,7 @@ class KeyLayout:
 
     @property
     def diffusion_only(self) -> bool:
-        return self.prefix == ""
+        return self.prefix == "" and not self.whole
 
     def is_diffusion(self, key: str) -> bool:
         return key.startswith(self.prefix)
@@ -52,9 +52,6 @@ class KeyLayout:
     def canonical(self, key: str) -> str:
         """The name a member id hashes: the checkpoint name of a diffusion-model key, other keys as they are."""
         return key if self.whole or not self.is_diffusion(key) else UNET_PREFIX + self.relative(key)
-
-    def describe(self) -> str:
-        return "a diffusion-model-only file" if self.diffusion_only else f"a checkpoint ('{self.prefix}*')"
 
 
 class LayoutError(CompartmentsError):
