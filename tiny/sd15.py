@@ -90,7 +90,9 @@ def unet_shapes(cfg: dict = UNET_CONFIG, prefix: str = "model.diffusion_model.")
     linear = "transformer_depth" in cfg
     per_level = [int(a) for a in cfg.get("attention", [])]
     depth_in = iter(cfg.get("transformer_depth") or [d for d in per_level for _ in range(nres)])
-    depth_out = iter(cfg.get("transformer_depth_output") or [d for d in reversed(per_level) for _ in range(nres + 1)])
+    # ComfyUI's transformer_depth_output lists the output blocks last to first (openaimodel pops it)
+    depth_out = iter(list(reversed(cfg["transformer_depth_output"])) if cfg.get("transformer_depth_output")
+                     else [d for d in reversed(per_level) for _ in range(nres + 1)])
     P = prefix
     yield from _linear(f"{P}time_embed.0", mc, emb)
     yield from _linear(f"{P}time_embed.2", emb, emb)

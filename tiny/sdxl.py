@@ -72,7 +72,7 @@ def build_state_dict(seed: int = 0, dtype: torch.dtype = torch.float16) -> dict[
 
 def checkpoint(seed: int = 0) -> Path:
     """The cached tiny SDXL-family base checkpoint (fp16, about 2 GB: mostly CLIP-G)."""
-    cfg = {"kind": "sdxl", "seed": seed, "unet": UNET_CONFIG, "clip_g": CLIP_G, "v": 1}
+    cfg = {"kind": "sdxl", "seed": seed, "unet": UNET_CONFIG, "clip_g": CLIP_G, "v": 2}
 
     def build(path: Path) -> None:
         save_file(build_state_dict(seed), str(path),
@@ -87,7 +87,7 @@ def member(shard: int, scale: float = 0.05) -> Path:
     SDXL fine-tunes are shared both ways; this one keeps the cache small (the text encoders and
     VAE a soup needs come from the base checkpoint, which is itself the first member).
     """
-    cfg = {"kind": "sdxl-member-dmo", "shard": shard, "scale": scale, "unet": UNET_CONFIG, "v": 1}
+    cfg = {"kind": "sdxl-member-dmo", "shard": shard, "scale": scale, "unet": UNET_CONFIG, "v": 2}
 
     def build(path: Path) -> None:
         base = load_file(str(checkpoint(0)))
@@ -110,3 +110,17 @@ def conditioning(seed: int = 0) -> list:
     return [[torch.randn(CONTEXT_SHAPE, generator=gen) * 0.1,
              {"pooled_output": torch.randn(POOLED_SHAPE, generator=gen) * 0.1, "width": 64, "height": 64,
               "crop_w": 0, "crop_h": 0, "target_width": 64, "target_height": 64}]]
+
+
+BASE_NAME = "sdxl-tiny-base.safetensors"
+SHARD_NAMES = ("sdxl-tiny-shard-1.safetensors", "sdxl-tiny-shard-2.safetensors")
+
+
+def prepare(models_dir: Path, input_dir: Path) -> dict:
+    """Place the SDXL workflows' base checkpoint and its two shards (diffusion-model-only fine-tunes)."""
+    from . import link_into
+
+    base = link_into(checkpoint(0), Path(models_dir) / "checkpoints" / BASE_NAME)
+    shards = [link_into(member(i + 1), Path(models_dir) / "diffusion_models" / name).name
+              for i, name in enumerate(SHARD_NAMES)]
+    return {"checkpoints": [base.name], "diffusion_models": shards}
