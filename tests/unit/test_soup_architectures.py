@@ -137,8 +137,16 @@ def test_mixed_member_dtypes_follow_the_stated_rule(tmp_path):
     man = build_soup(members, tmp_path / "soup.safetensors")
     assert man.member_dtypes == ["BF16", "F8_E4M3"] and man.exact
     assert load_file(str(tmp_path / "soup.safetensors"))["img_in.weight"].dtype == torch.float8_e4m3fn
-    build_soup(members, tmp_path / "soup16.safetensors", dtype="float16")
-    assert load_file(str(tmp_path / "soup16.safetensors"))["img_in.weight"].dtype == torch.float16
+    # fp8 members, a float16 soup: still exact (the stored sums are exact; float16 only rounds the mean),
+    # so removing a member equals souping the rest into float16, bit for bit
+    third = _dmo(tmp_path / "c.safetensors", 2, torch.float8_e4m3fn)
+    man16 = build_soup([*members, third], tmp_path / "soup16.safetensors", dtype="float16")
+    assert man16.exact and load_file(str(tmp_path / "soup16.safetensors"))["img_in.weight"].dtype == torch.float16
+    remove_shard(tmp_path / "soup16.safetensors", third, tmp_path / "soup16-removed.safetensors")
+    build_soup(members, tmp_path / "soup16-rebuilt.safetensors", dtype="float16")
+    a = load_file(str(tmp_path / "soup16-removed.safetensors"))
+    b = load_file(str(tmp_path / "soup16-rebuilt.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
     build_soup(members, tmp_path / "soup8.safetensors", dtype="float8_e5m2", base=members[1])
     assert load_file(str(tmp_path / "soup8.safetensors"))["img_in.weight"].dtype == torch.float8_e5m2
 
