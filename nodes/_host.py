@@ -182,6 +182,36 @@ def check_numbers(cls: Any, **values: Any) -> None:
                            f"give a number from {lo:g} to {hi:g}.")
 
 
+#: text-conditioning widths of the common encoders, to name what a wrong conditioning came from
+TEXT_WIDTHS = {768: "SD1.5 (CLIP-L)", 1024: "SD2.x (OpenCLIP-H)", 2048: "SDXL family (CLIP-L + bigG)",
+               4096: "Flux / SD3 (T5-XXL)"}
+
+
+def architecture(model: Any) -> str:
+    """The model's family as ComfyUI detected it (``supported_models`` class name: SD15, SDXL, Flux...)."""
+    return type(model.model.model_config).__name__
+
+
+def context_width(model: Any) -> int | None:
+    """Width of the text conditioning the diffusion model reads (UNets: context_dim; Flux: context_in_dim)."""
+    unet = model.model.model_config.unet_config
+    width = unet.get("context_dim") or unet.get("context_in_dim")
+    return int(width) if width else None
+
+
+def check_conditioning_width(model: Any, input_name: str, conditioning: list) -> None:
+    """Refuse a conditioning encoded for another family before sampling (it would fail deep in the model)."""
+    width = context_width(model)
+    for t, _ in conditioning or []:
+        got = int(t.shape[-1])
+        if width and got != width:
+            found = TEXT_WIDTHS.get(got, "another model family")
+            raise BadInput(input_name, f"the conditioning is {got} wide, as {found} text encoders give, but this "
+                           f"{architecture(model)} model reads {width}-wide text conditioning.",
+                           "encode the prompt with the text encoder of this model's family (its checkpoint's "
+                           "CLIP, or the matching DualCLIPLoader type).")
+
+
 def translated(node: str, exc: CompartmentsError) -> InputError:
     """The one translation of a pack error into ComfyUI's: node, input, problem, fix."""
     return InputError(node, exc.field or "(see message)", exc.problem, exc.fix)

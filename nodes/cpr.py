@@ -79,7 +79,7 @@ def credits_of(conditioning: list) -> list:
 
 # --- conditioning nodes --------------------------------------------------------------------
 class CPRImageConditioning(io.ComfyNode):
-    """Retrieved images -> unCLIP image embeddings on a prompt conditioning (the private branch)."""
+    """Retrieved images -> the private branch: unCLIP / revision embeddings, or Redux style tokens."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -87,49 +87,74 @@ class CPRImageConditioning(io.ComfyNode):
             node_id="CompartmentsCPRImageConditioning",
             display_name="CPR Private Conditioning (images)",
             category=CATEGORY,
-            description="Encodes each retrieved image with CLIP vision and attaches it as an unCLIP embedding "
-                        "(same entries core unCLIPConditioning writes, strength split evenly over the images). "
-                        "Feed the result to the 'private' input of a CPR guider; the ids are kept for credit.",
+            description="Encodes each retrieved image with CLIP vision and puts it on a copy of the prompt "
+                        "conditioning. Without a style model it attaches unCLIP embeddings (the entries core "
+                        "unCLIPConditioning writes: SD2.1 unCLIP, and SDXL 'revision' with clip_vision_g). With a "
+                        "style model (Flux Redux and its SigLIP vision model) it appends the images' style tokens "
+                        "to the prompt's tokens, as core StyleModelApply does. Feed the result to the 'private' "
+                        "input of a CPR guider; the ids are kept for credit.",
             inputs=[
                 io.Conditioning.Input("conditioning",
-                                      tooltip="Prompt conditioning (from an unCLIP checkpoint's CLIP)."),
+                                      tooltip="Prompt conditioning of the model that samples (its own text encoder)."),
                 io.ClipVision.Input("clip_vision",
-                                    tooltip="CLIP vision model that encodes the retrieved images (unCLIP)."),
+                                    tooltip="CLIP vision model that encodes the retrieved images (unCLIP: the "
+                                            "checkpoint's; SDXL revision: clip_vision_g; Flux Redux: SigLIP 384)."),
                 io.Image.Input("images", tooltip="Retrieved images (a batch)."),
                 io.String.Input("ids", default="", force_input=True, optional=True,
                                 tooltip="Credit record of the images (Retrieve Images 'ids')."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01,
-                               tooltip="Total strength of the retrieved images, split evenly between them."),
+                               tooltip="unCLIP: total strength of the images, split evenly between them. "
+                                       "Redux: each image's style tokens are multiplied by it."),
                 io.Float.Input("noise_augmentation", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="unCLIP noise augmentation of the image embeddings (0 = none)."),
+                               tooltip="unCLIP noise augmentation of the image embeddings (0 = none; unused "
+                                       "with a style model)."),
                 io.Combo.Input("crop", options=["center", "none"], default="center",
                                tooltip="center: crop each image to a square before encoding; none: resize it whole."),
+                io.StyleModel.Input("style_model", optional=True,
+                                    tooltip="Flux Redux (models/style_models): the images become style tokens "
+                                            "on the private prompt instead of unCLIP embeddings."),
             ],
             outputs=[io.Conditioning.Output(display_name="private"), io.String.Output(display_name="ids")],
         )
 
     @classmethod
     def execute(cls, conditioning, clip_vision, images, strength, noise_augmentation, crop,
-                ids: str = "") -> io.NodeOutput:
+                ids: str = "", style_model=None) -> io.NodeOutput:
         _host.check_numbers(cls, strength=strength, noise_augmentation=noise_augmentation)
         if images is None or images.shape[0] == 0:
             raise _host.BadInput("images", "no images were given.",
                                  "connect Retrieve Images (k >= 1) or use CPR Private Conditioning (prompt only).")
-        entries = []
-        n = images.shape[0]
-        for i in range(n):
+        outputs = []
+        for i in range(images.shape[0]):
             _host.check_interrupt()
-            out = clip_vision.encode_image(images[i:i + 1], crop=crop == "center")
-            entries.append({"clip_vision_output": out, "strength": strength / n,
-                            "noise_augmentation": noise_augmentation})
-        private = []
-        for t, d in conditioning:
-            d = dict(d)
-            d["unclip_conditioning"] = list(d.get("unclip_conditioning", [])) + entries
-            d[CREDIT_KEY] = _credit_record(ids)
-            d[PRIVATE_KEY] = "unclip"
-            private.append([t, d])
+            outputs.append(clip_vision.encode_image(images[i:i + 1], crop=crop == "center"))
+        mark = {CREDIT_KEY: _credit_record(ids)}
+        if style_model is None:
+            entries = [{"clip_vision_output": out, "strength": strength / len(outputs),
+                        "noise_augmentation": noise_augmentation} for out in outputs]
+            private = [[t, {**d, "unclip_conditioning": list(d.get("unclip_conditioning", [])) + entries,
+                            PRIVATE_KEY: "unclip", **mark}] for t, d in conditioning]
+        else:
+            private = _with_style_tokens(conditioning, style_model, outputs, strength, mark)
         return io.NodeOutput(private, ids or "")
+
+
+def _with_style_tokens(conditioning: list, style_model, outputs: list, strength: float, mark: dict) -> list:
+    """StyleModelApply's 'multiply' rule: each image's style tokens, times strength, after the prompt's tokens."""
+    tokens = torch.cat([style_model.get_cond(out).flatten(start_dim=0, end_dim=1).unsqueeze(0) for out in outputs],
+                       dim=1) * strength
+    private = []
+    for t, d in conditioning:
+        if "attention_mask" in d:
+            raise _host.BadInput("conditioning", "carries an attention mask; style tokens would have to extend it.",
+                                 "give the plain prompt conditioning and apply masks after this node.")
+        if tokens.shape[-1] != t.shape[-1]:
+            raise _host.BadInput("style_model", f"its tokens are {tokens.shape[-1]} wide but the prompt "
+                                 f"conditioning is {t.shape[-1]} wide.",
+                                 "use the style model of the sampling model's family (Flux Redux with a Flux "
+                                 "prompt).")
+        private.append([torch.cat((t, tokens.to(t)), dim=1), {**d, PRIVATE_KEY: "style_model", **mark}])
+    return private
 
 
 class CPRPromptConditioning(io.ComfyNode):
@@ -172,10 +197,13 @@ class CPRGuider(comfy.samplers.CFGGuider):
 
     def set_conds(self, public, private, negative) -> None:  # type: ignore[override]
         public, removed_pub = strip_image_conditioning(public)
-        negative, removed_neg = strip_image_conditioning(negative)
+        conds = {"positive": public, "private": private}
+        removed_neg: list[str] = []
+        if negative is not None:  # None: cfg 1 without a negative (Flux)
+            conds["negative"], removed_neg = strip_image_conditioning(negative)
         self.stripped = sorted(set(removed_pub + removed_neg))
         self.credits = credits_of(private)
-        self.inner_set_conds({"positive": public, "negative": negative, "private": private})
+        self.inner_set_conds(conds)
 
     def sample(self, *args, **kwargs):  # noqa: D102 - reset the per-run audit, then sample as CFGGuider does
         self.state = ChooseState()
@@ -191,10 +219,22 @@ class CPRGuider(comfy.samplers.CFGGuider):
             rec["choose"] = self.state.audit()
         return rec
 
+    def _one_branch(self, cond, negative, x, timestep, model_options, seed):
+        """lambda = 1 or 0: the other branch has weight exactly zero (both rules), so it is not evaluated and
+        the step is core's own CFG step on the followed branch (CFGGuider with that conditioning, bit for bit,
+        hooks included), a third of the model calls cheaper."""
+        self.evaluations += 1
+        if self.mode == "choose":
+            self.state.record_constant(x.shape[0], private=self.lam == 0.0, sigma=float(timestep.reshape(-1)[0]))
+        return comfy.samplers.sampling_function(self.inner_model, x, timestep, negative, cond, self.cfg,
+                                                model_options=model_options, seed=seed)
+
     def predict_noise(self, x, timestep, model_options={}, seed=None, **kwargs):  # noqa: B006 - CFGGuider's signature
         public = self.conds.get("positive", None)
         negative = self.conds.get("negative", None)
         private = self.conds.get("private", None)
+        if self.lam in (0.0, 1.0):
+            return self._one_branch(public if self.lam == 1.0 else private, negative, x, timestep, model_options, seed)
         if not model_options.get("disable_cfg1_optimization", False) and math.isclose(self.cfg, 1.0):
             negative = None
         conds = [public, negative, private]
@@ -239,9 +279,16 @@ def _make_guider(mode: str, model, public, private, negative, cfg: float, lam: f
     except CPRInputError as exc:
         raise _host.BadInput("lambda_", str(exc), "use 1 for the public model only, 0 for plain retrieval.") from exc
     for name, c in (("public", public), ("private", private), ("negative", negative)):
+        if name == "negative" and c is None:
+            if not math.isclose(cfg, 1.0):
+                raise _host.BadInput("negative", f"cfg is {cfg:g} but no negative conditioning is connected.",
+                                     "connect a negative prompt, or set cfg to 1 (guidance-distilled models such "
+                                     "as Flux take their guidance from the conditioning and need no negative).")
+            continue
         if not c:
             raise _host.BadInput(name, "the conditioning is empty.", "connect a CLIP Text Encode output.")
-    for name, c in (("public", public), ("negative", negative)):
+        _host.check_conditioning_width(model, name, c)
+    for name, c in (("public", public), ("negative", negative or [])):
         if any(d.get(PRIVATE_KEY) or d.get(CREDIT_KEY) for _, d in c):
             raise _host.BadInput(name, "this conditioning is marked private (it came out of a CPR Private Conditioning node): "
                 "used here it would feed the retrieved images' information into the public branch and turn the "
@@ -260,7 +307,8 @@ def _make_guider(mode: str, model, public, private, negative, cfg: float, lam: f
 
 _COMMON = (
     "Public: the prompt only (any image embeddings on it are removed). Private: the prompt plus the retrieved "
-    "images (CPR Private Conditioning). lambda = 1 samples the public model only, 0 is plain retrieval."
+    "images (CPR Private Conditioning). lambda = 1 samples the public model only, 0 is plain retrieval (at 1 "
+    "and 0 the other branch is not evaluated: exactly core CFG on the followed one)."
 )
 
 
@@ -273,7 +321,9 @@ def _guider_inputs() -> list:
         io.Conditioning.Input("private",
                               tooltip="Private conditioning: from CPR Private Conditioning (images) "
                               "or (prompt only)."),
-        io.Conditioning.Input("negative", tooltip="Negative prompt for classifier-free guidance."),
+        io.Conditioning.Input("negative", optional=True,
+                              tooltip="Negative prompt for classifier-free guidance; leave it unconnected with "
+                                      "cfg 1 (Flux and other guidance-distilled models)."),
         io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01,
                        tooltip="Classifier-free guidance scale against the negative (1 = no CFG)."),
         # The id stays lambda_ (saved workflows use it; lambda is a Python keyword); the editor shows "lambda".
@@ -297,7 +347,7 @@ class CPRKLGuider(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, public, private, negative, cfg, lambda_) -> io.NodeOutput:
+    def execute(cls, model, public, private, cfg, lambda_, negative=None) -> io.NodeOutput:
         _host.check_numbers(cls, cfg=cfg, lambda_=lambda_)
         return io.NodeOutput(_make_guider("kl", model, public, private, negative, cfg, lambda_))
 
@@ -321,7 +371,7 @@ class CPRChooseGuider(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, public, private, negative, cfg, lambda_, laplacian_probe) -> io.NodeOutput:
+    def execute(cls, model, public, private, cfg, lambda_, laplacian_probe, negative=None) -> io.NodeOutput:
         _host.check_numbers(cls, cfg=cfg, lambda_=lambda_)
         return io.NodeOutput(_make_guider("choose", model, public, private, negative, cfg,
                                           lambda_, laplacian_probe))

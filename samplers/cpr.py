@@ -108,12 +108,19 @@ class ChooseState:
     def reset(self) -> None:
         self.__init__()  # type: ignore[misc]
 
+    def record_constant(self, batch: int, private: bool, sigma: float) -> None:
+        """Audit one evaluation at lambda = 0 or 1, where the choice is fixed and no log-ratio is estimated."""
+        self.choices.append(torch.full((batch,), private, dtype=torch.bool))
+        self.log_ratios.append(torch.full((batch,), math.nan, dtype=torch.float64))
+        self.sigmas.append(round(sigma, 6))
+
     def audit(self) -> dict:
         """JSON-ready record: per evaluation the sigma, per-sample choice and log-ratio."""
         return {
             "sigmas": [round(s, 6) for s in self.sigmas],
             "choices": [["private" if c else "public" for c in row.tolist()] for row in self.choices],
-            "log_ratio": [[round(float(v), 4) for v in row.tolist()] for row in self.log_ratios],
+            "log_ratio": [[None if math.isnan(v) else round(float(v), 4) for v in row.tolist()]
+                          for row in self.log_ratios],
             "private_fraction": (float(torch.stack(self.choices).float().mean()) if self.choices else None),
         }
 

@@ -90,8 +90,22 @@ def member(shard: int, dtype: str = "float8_e4m3fn", scale: float = 0.05) -> Pat
     return cached(f"tiny-flux-{shard}-{dtype}.safetensors", cfg, build)
 
 
-def conditioning(guidance: float = 3.5, seed: int = 0) -> list:
-    """A Flux CONDITIONING of the right shapes, as CLIPTextEncodeFlux would give (no T5 built here)."""
+def conditioning(guidance: float = 3.5, seed: int = 0, tokens: int = CONTEXT_SHAPE[1]) -> list:
+    """A Flux CONDITIONING of the right shapes, as CLIPTextEncodeFlux would give (no T5 built here).
+
+    ``tokens``: T5 tokens (256 when padded as Flux.1-dev is, fewer keep CPU tests fast; Flux takes any count).
+    """
     gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(CONTEXT_SHAPE, generator=gen) * 0.1,
+    return [[torch.randn((1, tokens, CONTEXT_SHAPE[2]), generator=gen) * 0.1,
              {"pooled_output": torch.randn(POOLED_SHAPE, generator=gen) * 0.1, "guidance": guidance}]]
+
+
+SHARD_NAMES = ("flux-tiny-ft-1.safetensors", "flux-tiny-ft-2.safetensors")
+
+
+def prepare(models_dir: Path, input_dir: Path) -> dict:
+    """Place the Flux workflows' two fine-tunes (fp8 diffusion-model-only files) in models/diffusion_models."""
+    from . import link_into
+
+    return {"diffusion_models": [link_into(member(i + 1), Path(models_dir) / "diffusion_models" / name).name
+                                 for i, name in enumerate(SHARD_NAMES)]}

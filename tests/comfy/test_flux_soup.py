@@ -66,6 +66,16 @@ def test_flux_members_load_as_flux_and_their_soup_samples_with_core_nodes(comfy,
     samples = comfy.sample(model, guider, latent, steps=2, scheduler="simple")
     assert samples.shape == (1, 16, 8, 8) and torch.isfinite(samples).all() and samples.abs().sum() > 0
 
+    # save -> load (workflows/soup_flux_build_save.json, then Load Soup): the same Flux model, the same samples
+    (saved,) = comfy.run("CompartmentsSoupSave", soup=soup, filename="flux-t2-soup", overwrite=True)
+    del model, guider
+    gc.collect()
+    loaded, model2, clip2, vae2, _ = comfy.run("CompartmentsSoupLoad", soup_name=saved)
+    assert _arch(model2) == "Flux" and clip2 is None and vae2 is None and loaded.manifest.n == 2
+    (guider2,) = comfy.run("BasicGuider", model=model2, conditioning=flux.conditioning(guidance=3.5))
+    assert torch.equal(comfy.sample(model2, guider2, latent, steps=2, scheduler="simple"), samples)
+    (comfy.models_dir / "soups" / saved).unlink()
+
 
 def test_a_temporal_node_refuses_flux_clearly(comfy, flux_members):
     from compartments.nodes._host import InputError
