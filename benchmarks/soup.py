@@ -1,6 +1,9 @@
 """Benchmark: streaming soup vs a naive load-everything soup vs a plain read of the same files.
 
-For N members of >= 512 MiB each (generated once, fp16, cached under --dir), every variant
+Members are whole checkpoints in the real key layouts and shapes, SD1.5 (UNet, CLIP-L, VAE: 1,131
+tensors, 2.1 GB) and SDXL (UNet, CLIP-L, OpenCLIP bigG, VAE: 6.9 GB), fp16, generated as one seeded
+base plus a small per-member delta, as fine-tunes of one base are (under --dir; removed after the
+run unless --keep). Every variant
 runs in its own subprocess so that its peak RSS (VmHWM of that process) is its own.
 Before each variant the machine is synced and the member files are dropped from the page
 cache with posix_fadvise(DONTNEED), so every variant reads them COLD from disk (``--warm``
@@ -17,7 +20,8 @@ the figures are medians and ``runs`` lists every repeat. One JSON line per figur
 
 Figures: peak_rss (GiB), throughput (GiB of member data read per second), <variant>_vs_read
 (target >= 0.7), and remove_ratio = time(remove one shard from the N soup) / time(re-soup
-the N-1 others), target <= 3/N. ``--quick`` uses 64 MiB members and N = 2, 4.
+the N-1 others), target <= 3/N. Every line names its ``layout``. ``--quick`` keeps the layouts but
+uses the tiny fixtures' UNets, N = 2, 4; ``--layout sd15`` measures one layout.
 """
 
 from __future__ import annotations
@@ -36,29 +40,53 @@ from pathlib import Path
 GiB = 1024 ** 3
 
 
-def member_path(folder: Path, i: int, mib: int) -> Path:
-    return folder / f"bench-member-{mib}m-{i}.safetensors"
+#: full-size UNet configs in the openaimodel layout (``tiny.sd15.unet_shapes`` writes their keys)
+SD15_UNET = {"model_channels": 320, "channel_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attention": [1, 1, 1, 0],
+             "context_dim": 768, "time_embed_dim": 1280}
+SDXL_UNET = {"model_channels": 320, "channel_mult": [1, 2, 4], "num_res_blocks": 2, "context_dim": 2048,
+             "adm_in_channels": 2816, "time_embed_dim": 1280, "transformer_depth": [0, 0, 2, 2, 10, 10],
+             "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10}
+LAYOUTS = ("sd15", "sdxl")
 
 
-def make_member(folder: Path, i: int, mib: int) -> Path:
-    """A UNet-like fp16 checkpoint of ``mib`` MiB: 4096x4096 blocks plus a small VAE tensor."""
+def layout_shapes(layout: str, quick: bool) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor of a single-file checkpoint in ``layout``: UNet, text encoder(s) and VAE.
+
+    Full size: SD1.5 (UNet, CLIP-L, VAE) and SDXL base (UNet, CLIP-L, OpenCLIP bigG, VAE).
+    ``quick``: the same key layouts with the tiny fixtures' UNets (text encoders and VAE stay real).
+    """
+    from compartments.tiny import sd15, sdxl
+
+    if layout == "sd15":
+        unet = sd15.UNET_CONFIG if quick else SD15_UNET
+        parts = [sd15.unet_shapes(unet), sd15.vae_shapes(), sd15.clip_shapes()]
+    else:
+        unet = sdxl.UNET_CONFIG if quick else SDXL_UNET
+        parts = [sd15.unet_shapes(unet), sd15.vae_shapes(),
+                 sd15.clip_shapes(prefix="conditioner.embedders.0.transformer.text_model."), sdxl.clip_g_shapes()]
+    return [item for part in parts for item in part]
+
+
+def member_path(folder: Path, layout: str, quick: bool, i: int) -> Path:
+    return folder / f"bench-{layout}{'-quick' if quick else ''}-member-{i}.safetensors"
+
+
+def make_member(folder: Path, layout: str, quick: bool, i: int) -> Path:
+    """Member ``i``: one seeded fp16 base plus this member's small delta (1/20 of the base's scale),
+    as fine-tunes of one base are; every member has the same keys, shapes and order."""
     import torch
 
     from compartments.soup.st import Planned, atomic_writer
 
-    path = member_path(folder, i, mib)
+    path = member_path(folder, layout, quick, i)
     if path.exists():
         return path
-    rows = 4096
-    blocks = max(1, (mib * 1024 * 1024) // (rows * rows * 2))
-    plan = [Planned(f"model.diffusion_model.blocks.{b}.weight", "F16", (rows, rows)) for b in range(blocks)]
-    plan.append(Planned("first_stage_model.decoder.conv_in.weight", "F16", (512, 4, 3, 3)))
-    gen = torch.Generator().manual_seed(1000 + i)
-    base = torch.Generator().manual_seed(7)
-    with atomic_writer(path, plan, {"bench": "soup"}) as w:
+    plan = [Planned(k, "F16", shape) for k, shape in layout_shapes(layout, quick)]
+    base, delta = torch.Generator().manual_seed(7), torch.Generator().manual_seed(1000 + i)
+    with atomic_writer(path, plan, {"bench": f"soup-{layout}"}) as w:
         for p in plan:
-            t = torch.randn(p.shape, generator=base) * 0.02  # shared "base"
-            t += torch.randn(p.shape, generator=gen) * 0.001  # this member's "fine-tune"
+            t = torch.randn(p.shape, generator=base) * 0.02
+            t += torch.randn(p.shape, generator=delta) * 0.001
             w.write(p.key, t.to(torch.float16))
             del t
     return path
@@ -175,11 +203,13 @@ def emit(**fields) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="64 MiB members, N = 2, 4")
+    ap.add_argument("--quick", action="store_true", help="tiny-fixture UNets in the same layouts, N = 2, 4")
+    ap.add_argument("--layout", choices=LAYOUTS, nargs="+", default=list(LAYOUTS),
+                    help="checkpoint layouts to measure (default: both)")
     ap.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "compartments-bench-soup")
-    ap.add_argument("--mib", type=int, help="member size in MiB (default 512, quick 64)")
     ap.add_argument("--n", type=int, nargs="+", help="member counts (default 2 4 8, quick 2 4)")
     ap.add_argument("--warm", action="store_true", help="do not drop the page cache between variants")
+    ap.add_argument("--keep", action="store_true", help="keep the generated members for the next run")
     ap.add_argument("--repeat", type=int, default=3, help="paired repeats per N; figures are medians")
     ap.add_argument("--skip-naive-above", type=int, default=8, help="skip the naive variant above this N")
     ap.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
@@ -189,14 +219,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child(args)
 
-    mib = args.mib or (64 if args.quick else 512)
     ns = args.n or ([2, 4] if args.quick else [2, 4, 8])
     args.dir.mkdir(parents=True, exist_ok=True)
-    members = [make_member(args.dir, i, mib) for i in range(max(ns))]
+    for layout in args.layout:
+        members = [make_member(args.dir, layout, args.quick, i) for i in range(max(ns))]
+        measure(args, layout, members, ns)
+        if not args.keep:
+            for m in members:
+                m.unlink(missing_ok=True)
+    return 0
+
+
+def measure(args: argparse.Namespace, layout: str, members: list[Path], ns: list[int]) -> None:
+    """Every variant for each N on ``members`` (one layout), one JSON line per figure."""
     size = members[0].stat().st_size
     cache = "warm page cache" if args.warm else "cold (posix_fadvise DONTNEED before each variant)"
-    common = {"member_gib": round(size / GiB, 3), "member_mb": round(size / 1e6), "cache": cache,
-              "cpu_threads": int(os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))),
+    common = {"layout": layout, "tensors": len(layout_shapes(layout, args.quick)), "member_gib": round(size / GiB, 3),
+              "member_mb": round(size / 1e6), "cache": cache, "cpu_threads": int(os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))),
               "repeats": args.repeat}
     streams = ("stream", "stream_nosum")
     for n in ns:
@@ -218,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                     ratios[name].append(_tp(r) / _tp(runs["read"][-1]))
             if n >= 3:
                 rem = run_variant("remove", paths, soup, args.warm, [soup])
+                soup.with_name(soup.stem + "-removed.safetensors").unlink(missing_ok=True)  # disk: SDXL soups are 21 GB
                 resoup = run_variant("stream", paths[:-1], rest, args.warm)
                 removes.append((rem, resoup))
             for p in [*args.dir.glob("scratch-*"), rest, soup.with_name(soup.stem + "-removed.safetensors")]:
@@ -243,7 +283,6 @@ def main(argv: list[str] | None = None) -> int:
                  runs=[round(v, 3) for v in vals], target=f"<= {3 / n:.3f}",
                  resoup_seconds=round(statistics.median(r["seconds"] for _, r in removes), 2), **common)
         soup.unlink(missing_ok=True)
-    return 0
 
 
 def _tp(r: dict) -> float:

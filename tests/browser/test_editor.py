@@ -5,7 +5,9 @@ pins (``comfyui-frontend-package``); Chromium is Debian's, driven through its ch
 Selenium, so nothing downloads a browser. For each workflow the test drops the file on the
 canvas the way a user's drag-and-drop does, checks that every node type is known and the
 console shows no error, queues it from the UI (the frontend's own ``queuePrompt``, what the Run
-button calls), waits for the server's history to report success, and saves a screenshot of
+button calls), waits for the server's history to report success (the longest soups, which tier 3
+runs to the end: checks that the server received exactly the API file's prompt, then cancels them;
+workflows needing files no test can build: checks that validation refuses only those), and saves a screenshot of
 the finished graph under ``$TMPDIR/compartments-browser/<release>/`` (the CI artifact; the
 template thumbnails in ``workflows/`` are made from them with ``python -m compartments
 thumbnails``). Where Chromium cannot start, the tier skips and says why.
@@ -179,8 +181,22 @@ def _missing_features(server, wf_ui: dict) -> list[str]:
     return sorted(n for n in NEEDS_NEWER_V3 if n in used and n not in info)
 
 
+def _same_prompt(sent: dict, api: dict) -> list[str]:
+    """Differences between the prompt the server received and an API-format workflow: node ids, classes, and
+    every input the API file sets (the frontend adds its own display-only values, e.g. PreviewAny's)."""
+    diffs = [f"nodes {sorted(set(sent) ^ set(api))}"] if set(sent) != set(api) else []
+    for nid in sorted(set(sent) & set(api)):
+        if sent[nid]["class_type"] != api[nid]["class_type"]:
+            diffs.append(f"{nid}: editor {sent[nid]['class_type']}, API file {api[nid]['class_type']}")
+        got = {k: sent[nid]["inputs"].get(k) for k in api[nid]["inputs"]}
+        if got != api[nid]["inputs"]:
+            diffs.append(f"{nid}.inputs: editor {got!r}, API file {api[nid]['inputs']!r}")
+    return diffs
+
+
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[p.stem for p in UI_WORKFLOWS])
-def test_workflow_loads_queues_and_finishes_in_the_editor(editor, browser, shots, path):
+def test_workflow_loads_queues_and_finishes_in_the_editor(editor, browser, shots, path, unbuildable_workflows,
+                                                          long_workflows, fails_only_on):
     wf = json.loads(path.read_text())
     lacking = _missing_features(editor, wf)
     if lacking:
@@ -199,9 +215,19 @@ def test_workflow_loads_queues_and_finishes_in_the_editor(editor, browser, shots
     before = _known_prompts(editor)
     browser.execute_script(QUEUE)
     queued = _wait(lambda: browser.execute_script("return window.__compartmentsQueued"), 60, "the editor to queue")
+    if path.stem in unbuildable_workflows:  # validation refuses exactly the files no test can build
+        assert not queued.get("exception"), queued
+        fails_only_on(queued.get("errors") or {}, unbuildable_workflows[path.stem][0])
+        browser.save_screenshot(str(shots / f"{path.stem}.png"))
+        return
     assert not queued.get("exception") and not queued.get("errors"), f"the editor could not queue: {queued}"
     new = _wait(lambda: _known_prompts(editor) - before, 60, "the prompt to reach the server")
     prompt_id = next(iter(new))
+    if path.stem in long_workflows:
+        _wait(lambda: prompt_id in _history(editor) or any(
+            item[1] == prompt_id for item in editor.client._request("/queue").get("queue_running", [])),
+            60, "the prompt to start")
+        editor.client._request("/interrupt", {})
 
     def finished():
         entry = _history(editor).get(prompt_id, {})
@@ -209,7 +235,12 @@ def test_workflow_loads_queues_and_finishes_in_the_editor(editor, browser, shots
         return status if status.get("completed") or status.get("status_str") == "error" else None
 
     status = _wait(finished, 900, f"{path.stem} to finish")
-    assert status.get("status_str") == "success", json.dumps(status)[:3000]
+    if path.stem in long_workflows:  # cancelled: the editor's prompt is the one tier 3 runs to the end
+        api = json.loads((ROOT / "workflows" / "api" / path.name).read_text())
+        diffs = _same_prompt(_history(editor)[prompt_id]["prompt"][2], api)
+        assert not diffs, "\n".join(diffs)
+    else:
+        assert status.get("status_str") == "success", json.dumps(status)[:3000]
     time.sleep(1.0)  # let the editor draw the results (previews, text) before the picture
     browser.execute_script(FRAME)
     time.sleep(1.0)
