@@ -209,7 +209,8 @@ class Writer:
             if not ok or tuple(data.shape) != p.shape:
                 raise RuntimeError(f"writer: '{key}' planned {p.dtype}{list(p.shape)}, got {data.dtype}{list(data.shape)}")
             t = data.detach().contiguous().cpu()
-            buf = memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+            # reshape(-1): a 0-d tensor (SDXL's logit_scale) cannot be viewed as bytes of another size
+            buf = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
         else:
             buf = memoryview(data).cast("B")
         expect = p.nbytes * itemsize(dtype) // itemsize(p.dtype)

@@ -168,3 +168,30 @@ def test_other_architectures_and_files_without_a_diffusion_model_are_refused(tmp
     with pytest.raises(SoupError, match="first differing key"):
         build_soup([ckpt, flux], tmp_path / "z.safetensors", components="all")
     assert not list(tmp_path.glob("[xyz].safetensors*")), "nothing written"
+
+
+@pytest.mark.parametrize("components", ["unet", "all"])
+def test_scalar_tensors_are_souped_and_removed_like_any_other(tmp_path, components):
+    """SDXL checkpoints carry 0-d tensors (OpenCLIP bigG's ``logit_scale``): they are written, souped
+    (components='all') and removed exactly like the rest."""
+    paths = []
+    for i in range(3):
+        sd = {"model.diffusion_model.out.2.weight": torch.randn(4, 8, generator=torch.Generator().manual_seed(i)).half(),
+              "conditioner.embedders.1.model.logit_scale": torch.tensor(4.6 + i / 8, dtype=torch.float16)}
+        save_file(sd, str(tmp_path / f"m{i}.safetensors"))
+        paths.append(tmp_path / f"m{i}.safetensors")
+    man = build_soup(paths, tmp_path / "soup.safetensors", components=components)
+    soup = load_file(str(tmp_path / "soup.safetensors"))
+    assert soup["conditioner.embedders.1.model.logit_scale"].shape == () and man.exact
+    remove_shard(tmp_path / "soup.safetensors", paths[2], tmp_path / "removed.safetensors")
+    build_soup(paths[:2], tmp_path / "rebuilt.safetensors", components=components)
+    a, b = load_file(str(tmp_path / "removed.safetensors")), load_file(str(tmp_path / "rebuilt.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_writer_takes_0d_tensors(tmp_path):
+    from compartments.soup.st import Planned, atomic_writer
+
+    with atomic_writer(tmp_path / "s.safetensors", [Planned("s", "F16", ())], {}) as w:
+        w.write("s", torch.tensor(4.6, dtype=torch.float16))
+    assert load_file(str(tmp_path / "s.safetensors"))["s"] == torch.tensor(4.6, dtype=torch.float16)
