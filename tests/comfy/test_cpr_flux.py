@@ -28,9 +28,9 @@ def flux_redux(comfy, free_models):
     from compartments.tiny import flux, link_into, redux
 
     torch.set_num_threads(2)
-    link_into(flux.member(0), comfy.models_dir / "diffusion_models" / "tiny-flux-base.safetensors")
+    link_into(flux.member(1), comfy.models_dir / "diffusion_models" / "tiny-flux-ft.safetensors")
     redux.prepare(comfy.models_dir, comfy.input_dir)
-    (model,) = comfy.run("UNETLoader", unet_name="tiny-flux-base.safetensors", weight_dtype="default")
+    (model,) = comfy.run("UNETLoader", unet_name="tiny-flux-ft.safetensors", weight_dtype="default")
     (vision,) = comfy.run("CLIPVisionLoader", clip_name=redux.CLIP_VISION_NAME)
     (style,) = comfy.run("StyleModelLoader", style_model_name=redux.STYLE_MODEL_NAME)
     public = flux.conditioning(guidance=3.5, tokens=16)
