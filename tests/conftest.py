@@ -163,10 +163,12 @@ UNBUILDABLE_WORKFLOWS = {
                           "Flux's text encoders (T5-XXL is 4.7 B parameters at the size ComfyUI's config fixes) "
                           "and VAE; the Redux path itself runs at tier 2 (tests/comfy/test_cpr_flux.py)"),
 }
-#: The longest shipped workflows here (SDXL / Flux soups of GB-sized files). Tier 3 runs them to the end;
-#: the editor tier proves the prompt it queues is the API file's, then cancels it mid-run (which must
-#: leave nothing behind), instead of running them a second time.
-LONG_WORKFLOWS = {"soup_sdxl_three_shards", "soup_sdxl_remove_shard", "soup_flux_build_save"}
+#: Shipped workflows the editor tier runs to the end, one per capability (the editor draws their
+#: results). Every other one tier 3 (tests/e2e/test_workflows.py) runs to the end already: the editor
+#: tier proves the prompt it queues is exactly the API file's, then cancels it mid-run (which must leave
+#: nothing behind), instead of running it a second time.
+FINISHED_IN_EDITOR = {"soup_three_shards", "cpr_retrieve_kl", "retrieval_build_retrieve", "m3id_caption_batch",
+                      "temporal_own_layers_video"}
 
 
 @pytest.fixture(scope="session")
@@ -175,8 +177,8 @@ def unbuildable_workflows() -> dict:
 
 
 @pytest.fixture(scope="session")
-def long_workflows() -> set:
-    return LONG_WORKFLOWS
+def finished_in_editor() -> set:
+    return FINISHED_IN_EDITOR
 
 
 def assert_fails_only_on(node_errors: dict, loaders: set) -> None:

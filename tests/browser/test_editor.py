@@ -5,9 +5,10 @@ pins (``comfyui-frontend-package``); Chromium is Debian's, driven through its ch
 Selenium, so nothing downloads a browser. For each workflow the test drops the file on the
 canvas the way a user's drag-and-drop does, checks that every node type is known and the
 console shows no error, queues it from the UI (the frontend's own ``queuePrompt``, what the Run
-button calls), waits for the server's history to report success (the longest soups, which tier 3
-runs to the end: checks that the server received exactly the API file's prompt, then cancels them;
-workflows needing files no test can build: checks that validation refuses only those), and saves a screenshot of
+button calls), and waits for the server's history to report success: for one workflow per capability
+(``FINISHED_IN_EDITOR`` in tests/conftest.py). The others tier 3 runs to the end already: the test
+checks that the server received exactly the API file's prompt, then cancels it; workflows needing
+files no test can build: validation must refuse only those. It saves a screenshot of
 the finished graph under ``$TMPDIR/compartments-browser/<release>/`` (the CI artifact; the
 template thumbnails in ``workflows/`` are made from them with ``python -m compartments
 thumbnails``). Where Chromium cannot start, the tier skips and says why.
@@ -196,7 +197,7 @@ def _same_prompt(sent: dict, api: dict) -> list[str]:
 
 @pytest.mark.parametrize("path", UI_WORKFLOWS, ids=[p.stem for p in UI_WORKFLOWS])
 def test_workflow_loads_queues_and_finishes_in_the_editor(editor, browser, shots, path, unbuildable_workflows,
-                                                          long_workflows, fails_only_on):
+                                                          finished_in_editor, fails_only_on):
     wf = json.loads(path.read_text())
     lacking = _missing_features(editor, wf)
     if lacking:
@@ -223,7 +224,8 @@ def test_workflow_loads_queues_and_finishes_in_the_editor(editor, browser, shots
     assert not queued.get("exception") and not queued.get("errors"), f"the editor could not queue: {queued}"
     new = _wait(lambda: _known_prompts(editor) - before, 60, "the prompt to reach the server")
     prompt_id = next(iter(new))
-    if path.stem in long_workflows:
+    cancel = path.stem not in finished_in_editor
+    if cancel:
         _wait(lambda: prompt_id in _history(editor) or any(
             item[1] == prompt_id for item in editor.client._request("/queue").get("queue_running", [])),
             60, "the prompt to start")
@@ -235,7 +237,7 @@ def test_workflow_loads_queues_and_finishes_in_the_editor(editor, browser, shots
         return status if status.get("completed") or status.get("status_str") == "error" else None
 
     status = _wait(finished, 900, f"{path.stem} to finish")
-    if path.stem in long_workflows:  # cancelled: the editor's prompt is the one tier 3 runs to the end
+    if cancel:  # the editor's prompt is the one tier 3 runs to the end
         api = json.loads((ROOT / "workflows" / "api" / path.name).read_text())
         diffs = _same_prompt(_history(editor)[prompt_id]["prompt"][2], api)
         assert not diffs, "\n".join(diffs)
