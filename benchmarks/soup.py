@@ -235,8 +235,8 @@ def measure(args: argparse.Namespace, layout: str, members: list[Path], ns: list
     size = members[0].stat().st_size
     cache = "warm page cache" if args.warm else "cold (posix_fadvise DONTNEED before each variant)"
     common = {"layout": layout, "tensors": len(layout_shapes(layout, args.quick)), "member_gib": round(size / GiB, 3),
-              "member_mb": round(size / 1e6), "cache": cache, "cpu_threads": int(os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))),
-              "repeats": args.repeat}
+              "member_mb": round(size / 1e6), "cache": cache,
+              "cpu_threads": int(os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))), "repeats": args.repeat}
     streams = ("stream", "stream_nosum")
     for n in ns:
         paths = members[:n]
@@ -260,7 +260,7 @@ def measure(args: argparse.Namespace, layout: str, members: list[Path], ns: list
                 soup.with_name(soup.stem + "-removed.safetensors").unlink(missing_ok=True)  # disk: SDXL soups are 21 GB
                 resoup = run_variant("stream", paths[:-1], rest, args.warm)
                 removes.append((rem, resoup))
-            for p in [*args.dir.glob("scratch-*"), rest, soup.with_name(soup.stem + "-removed.safetensors")]:
+            for p in [*args.dir.glob("scratch-*"), rest]:
                 p.unlink(missing_ok=True)
         for name, rs in runs.items():
             peak = max(r["peak_rss"] for r in rs)

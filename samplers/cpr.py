@@ -112,7 +112,7 @@ class ChooseState:
         """Audit one evaluation at lambda = 0 or 1, where the choice is fixed and no log-ratio is estimated."""
         self.choices.append(torch.full((batch,), private, dtype=torch.bool))
         self.log_ratios.append(torch.full((batch,), math.nan, dtype=torch.float64))
-        self.sigmas.append(round(sigma, 6))
+        self.sigmas.append(sigma)
 
     def audit(self) -> dict:
         """JSON-ready record: per evaluation the sigma, per-sample choice and log-ratio."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import cached
+from . import cached, link_into
 
 CONFIG = {"hidden": 3072, "heads": 24, "mlp_ratio": 4, "context_in": 4096, "vec_in": 768, "in_channels": 64,
           "time_dim": 256, "depth": 1, "depth_single": 1, "guidance": True}
@@ -105,7 +105,5 @@ SHARD_NAMES = ("flux-tiny-ft-1.safetensors", "flux-tiny-ft-2.safetensors")
 
 def prepare(models_dir: Path, input_dir: Path) -> dict:
     """Place the Flux workflows' two fine-tunes (fp8 diffusion-model-only files) in models/diffusion_models."""
-    from . import link_into
-
     return {"diffusion_models": [link_into(member(i + 1), Path(models_dir) / "diffusion_models" / name).name
                                  for i, name in enumerate(SHARD_NAMES)]}

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import cached, link_into
-from .sd15 import Shapes, _linear, _norm
+from .sd15 import Shapes, _linear, _norm, encoder_layer_shapes
 
 SIGLIP = {"width": 1152, "layers": 27, "mlp": 4304, "patch": 14, "image": 384}
 REDUX = {"vision": 1152, "text": 4096}
@@ -34,13 +34,7 @@ def siglip_shapes(cfg: dict = SIGLIP, prefix: str = "vision_model.") -> Shapes:
     yield f"{prefix}embeddings.patch_embedding.bias", (w,)
     yield f"{prefix}embeddings.position_embedding.weight", ((cfg["image"] // p) ** 2, w)
     for i in range(cfg["layers"]):
-        q = f"{prefix}encoder.layers.{i}"
-        yield from _norm(f"{q}.layer_norm1", w)
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            yield from _linear(f"{q}.self_attn.{proj}", w, w)
-        yield from _norm(f"{q}.layer_norm2", w)
-        yield from _linear(f"{q}.mlp.fc1", w, cfg["mlp"])
-        yield from _linear(f"{q}.mlp.fc2", cfg["mlp"], w)
+        yield from encoder_layer_shapes(f"{prefix}encoder.layers.{i}", w, cfg["mlp"])
     yield from _norm(f"{prefix}post_layernorm", w)
 
 
@@ -64,7 +58,7 @@ def _build(shapes: Shapes, dtype: torch.dtype, seed: int) -> dict[str, torch.Ten
 
 def clip_vision(seed: int = 0) -> Path:
     """The cached SigLIP-384 vision tower (0.41 GB in fp8)."""
-    cfg = {"kind": "siglip-384", "seed": seed, "config": SIGLIP, "dtype": "float8_e4m3fn", "v": 1}
+    cfg = {"kind": "siglip-384", "seed": seed, "config": SIGLIP, "dtype": "float8_e4m3fn", "v": 2}
 
     def build(path: Path) -> None:
         save_file(_build(siglip_shapes(), torch.float8_e4m3fn, seed), str(path),

@@ -188,14 +188,18 @@ def clip_shapes(cfg: dict = CLIP_CONFIG, prefix: str = "cond_stage_model.transfo
     yield f"{prefix}embeddings.token_embedding.weight", (cfg["vocab"], w)
     yield f"{prefix}embeddings.position_embedding.weight", (cfg["positions"], w)
     for i in range(cfg["layers"]):
-        p = f"{prefix}encoder.layers.{i}"
-        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            yield from _linear(f"{p}.self_attn.{n}", w, w)
-        yield from _norm(f"{p}.layer_norm1", w)
-        yield from _linear(f"{p}.mlp.fc1", w, cfg["mlp"])
-        yield from _linear(f"{p}.mlp.fc2", cfg["mlp"], w)
-        yield from _norm(f"{p}.layer_norm2", w)
+        yield from encoder_layer_shapes(f"{prefix}encoder.layers.{i}", w, cfg["mlp"])
     yield from _norm(f"{prefix}final_layer_norm", w)
+
+
+def encoder_layer_shapes(p: str, w: int, mlp: int) -> Shapes:
+    """One transformers CLIP/SigLIP encoder layer (the text towers and the SigLIP vision tower share it)."""
+    for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        yield from _linear(f"{p}.self_attn.{n}", w, w)
+    yield from _norm(f"{p}.layer_norm1", w)
+    yield from _linear(f"{p}.mlp.fc1", w, mlp)
+    yield from _linear(f"{p}.mlp.fc2", mlp, w)
+    yield from _norm(f"{p}.layer_norm2", w)
 
 
 def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:

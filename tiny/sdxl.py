@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import cached
+from . import cached, link_into
 from .sd15 import Shapes, _linear, _norm, clip_shapes, random_tensor, unet_shapes, vae_shapes
 
 UNET_CONFIG = {"model_channels": 320, "channel_mult": [1, 1, 1], "num_res_blocks": 2, "context_dim": 2048,
@@ -118,8 +118,6 @@ SHARD_NAMES = ("sdxl-tiny-shard-1.safetensors", "sdxl-tiny-shard-2.safetensors")
 
 def prepare(models_dir: Path, input_dir: Path) -> dict:
     """Place the SDXL workflows' base checkpoint and its two shards (diffusion-model-only fine-tunes)."""
-    from . import link_into
-
     base = link_into(checkpoint(0), Path(models_dir) / "checkpoints" / BASE_NAME)
     shards = [link_into(member(i + 1), Path(models_dir) / "diffusion_models" / name).name
               for i, name in enumerate(SHARD_NAMES)]
