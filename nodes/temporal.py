@@ -66,13 +66,14 @@ def _load(folder: str, name: str, input_name: str) -> LoadedTemporal:
             frames = None
     except FormatError as exc:
         raise BadInput(input_name, f"'{name}': {exc}",
-                       "pick an AnimateDiff motion module (SD1.5 v1/v2/v3, SDXL) or Compartments layers.") from exc
+                       "pick an AnimateDiff motion module (SD1.5 v1/v2/v3, SDXL beta), Hotshot-XL temporal layers "
+                       "or Compartments layers.") from exc
     module.eval().requires_grad_(False)
     return LoadedTemporal(module, info, name, frames)
 
 
 class LoadMotionModule(io.ComfyNode):
-    """AnimateDiff motion module from models/animatediff_models (original or diffusers layout)."""
+    """AnimateDiff or Hotshot-XL motion module from models/animatediff_models (layout detected from the keys)."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -80,8 +81,9 @@ class LoadMotionModule(io.ComfyNode):
             node_id="CompartmentsLoadMotionModule",
             display_name="Load Motion Module (AnimateDiff)",
             category=CATEGORY,
-            description="Loads an AnimateDiff motion module (SD1.5 v1/v2/v3 or SDXL, original or diffusers "
-                        "MotionAdapter keys, detected from the file) as temporal layers.",
+            description="Loads an AnimateDiff motion module (SD1.5 v1/v2/v3 or SDXL beta, original or diffusers "
+                        "MotionAdapter keys) or Hotshot-XL's temporal layers (SDXL), detected from the file, "
+                        "as temporal layers.",
             inputs=[io.Combo.Input("motion_module", options=_files(ANIMATEDIFF_FOLDER),
                                    tooltip="A .safetensors file in models/animatediff_models.")],
             outputs=[MotionType.Output(display_name="temporal_layers")],
@@ -117,12 +119,14 @@ class LoadTemporalLayers(io.ComfyNode):
 
 
 def model_layout(model: Any, mid: bool) -> Layout:
-    """The UNet layout of a ComfyUI MODEL; BadInput('model') when it is not an openaimodel UNet."""
+    """The UNet layout of a ComfyUI MODEL; BadInput('model') naming the architecture when it is not a UNet."""
     dm = model.get_model_object("diffusion_model")
     needed = ("model_channels", "channel_mult", "num_res_blocks", "input_blocks", "output_blocks")
     if not all(hasattr(dm, a) for a in needed):
-        raise BadInput("model", f"{type(dm).__name__} is not a UNet (SD1.5/SDXL family).",
-                       "temporal layers attach to SD1.5 or SDXL UNets.")
+        raise BadInput("model", f"the model is {_host.architecture(model)}, a diffusion transformer without UNet "
+                       "blocks; motion modules and temporal layers attach after the blocks of an SD1.5- or "
+                       "SDXL-family UNet.",
+                       "use an SD1.5 or SDXL-family checkpoint with its matching motion module.")
     return layout_of_unet(dm.model_channels, list(dm.channel_mult), list(dm.num_res_blocks), mid=mid)
 
 

@@ -10,9 +10,11 @@ from .formats import (
                       build_animatediff,
                       detect,
                       diffusers_to_original,
+                      hotshot_to_original,
                       load_layers,
                       load_motion_module,
                       original_to_diffusers,
+                      original_to_hotshot,
                       save_layers,
 )
 from .inject import (
@@ -48,7 +50,8 @@ __all__ = [
     "LAYOUTS", "SD15", "SDXL", "TINY_SD15", "AlphaBlender", "FormatError", "Layout", "LayoutMismatch", "MotionInfo",
     "MotionModule", "MotionSlot", "Slot", "TemporalAttentionBlock", "TemporalConvBlock", "TemporalLayer",
     "TemporalStack", "WindowError", "blend_weights", "build_animatediff", "check_compatible", "check_frames",
-    "check_windows", "detect", "diffusers_to_original", "frames_per_video", "fuse", "layout_of_unet", "load_layers",
-    "load_motion_module", "make_apply", "make_layout", "original_to_diffusers", "parse_alpha_overrides",
+    "check_windows", "detect", "diffusers_to_original", "frames_per_video", "fuse", "hotshot_to_original", "layout_of_unet", "load_layers",
+    "load_motion_module", "make_apply", "make_layout", "original_to_diffusers", "original_to_hotshot",
+    "parse_alpha_overrides",
     "run_windowed", "save_layers", "sinusoidal_positions", "timestep_embed_handler", "windows",
 ]

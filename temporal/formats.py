@@ -7,11 +7,17 @@ Formats, detected from the keys (never from the file name):
   ``...pos_encoder.pe``) as in ``mm_sd_v15_v2``, ``v3_sd15_mm`` and ``mm_sdxl_v10_beta``.
 * ``animatediff-diffusers``: diffusers ``MotionAdapter`` (``...motion_modules.0.transformer_blocks.0.attn1.to_q.weight``,
   ``norm1/norm2/norm3``), the inverse of diffusers' ``convert_animatediff_checkpoint_to_diffusers``.
+* ``hotshotxl``: Hotshot-XL's ``hsxl_temporal_layers`` (``down_blocks.0.temporal_attentions.0.transformer_blocks.0
+  .attention_blocks.0.to_q.weight``, ``...pos_encoder.positional_encoding``): the same temporal transformer as
+  AnimateDiff (8 heads, two self-attentions, GEGLU, per-frame GroupNorm) under other container names, for
+  SDXL's three levels with no mid block and a 24-frame position table.
 * ``compartments``: Video-LDM-style layers saved by :func:`save_layers`; safetensors metadata
   carries ``compartments.format=temporal-layers``, base architecture, frame count and alphas.
 
 Versions follow diffusers' own single-file detection: a mid block means v2; a 24-long
 position table means v1; three down levels (last up level 320 channels) mean SDXL; else v3.
+Hotshot-XL files are ``hotshotxl`` whatever their table length. The base architecture comes
+from the channel widths (``sd15``: 320/640/1280/1280, ``sdxl``: 320/640/1280).
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from .layers import Layout, MotionModule, make_layout
 
 FORMAT_TAG = "temporal-layers"
 _SLOT = re.compile(r"^(down_blocks\.(\d+)|mid_block|up_blocks\.(\d+))\.motion_modules\.(\d+)\.")
+_HOTSHOT = re.compile(r"^((?:down|up)_blocks\.\d+)\.temporal_attentions\.(\d+)\.")
+_HOTSHOT_PE = ".pos_encoder.positional_encoding"
 
 
 class FormatError(CompartmentsError):
@@ -43,8 +51,8 @@ class FormatError(CompartmentsError):
 class MotionInfo:
     """What a file holds, from its keys (and metadata for the project format)."""
 
-    format: str  # animatediff | animatediff-diffusers | compartments
-    version: str  # v1 | v2 | v3 | sdxl-beta | compartments
+    format: str  # animatediff | animatediff-diffusers | hotshotxl | compartments
+    version: str  # v1 | v2 | v3 | sdxl-beta | hotshotxl | compartments
     base: str  # sd15 | sdxl | tiny-sd15 | custom
     block_channels: tuple[int, ...]
     num_res_blocks: int
@@ -62,17 +70,19 @@ class MotionInfo:
 
 
 def key_format(keys: list[str] | set[str], metadata: dict[str, str] | None = None) -> str:
-    """``animatediff`` | ``animatediff-diffusers`` | ``compartments``; :class:`FormatError` otherwise."""
+    """``animatediff`` | ``animatediff-diffusers`` | ``hotshotxl`` | ``compartments``; :class:`FormatError` otherwise."""
     keys = list(keys)
     if (metadata or {}).get("compartments.format") == FORMAT_TAG or any(k.endswith(".blender.mix_factor") for k in keys):
         return "compartments"
+    if any(_HOTSHOT.match(k) for k in keys):
+        return "hotshotxl"
     slot_keys = [k for k in keys if _SLOT.match(k)]
     if not slot_keys:
         sample = ", ".join(sorted(keys)[:3]) or "(no tensors)"
         raise FormatError(
             "unknown key layout: no 'down_blocks.N.motion_modules.M.' keys (first keys: " + sample + "). "
-            "Expected an AnimateDiff motion module (original or diffusers MotionAdapter layout) "
-            "or Compartments temporal layers.")
+            "Expected an AnimateDiff motion module (original or diffusers MotionAdapter layout), "
+            "Hotshot-XL temporal layers or Compartments temporal layers.")
     if any(".temporal_transformer." in k for k in slot_keys):
         return "animatediff"
     if any(".transformer_blocks." in k and (".attn1." in k or ".norm1." in k) for k in slot_keys):
@@ -115,6 +125,40 @@ def original_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+def hotshot_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename Hotshot-XL temporal layers to the original AnimateDiff layout (weights untouched).
+
+    ``X.temporal_attentions.j.*`` -> ``X.motion_modules.j.temporal_transformer.*`` and the
+    position buffer ``positional_encoding`` -> ``pe``. A file with other keys (a whole
+    Hotshot-XL UNet, say) is refused: only its temporal layers are a motion module.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        m = _HOTSHOT.match(k)
+        if not m:
+            raise FormatError(f"a Hotshot-XL file with a key outside its temporal layers ({k}); load "
+                              "hsxl_temporal_layers.safetensors, not the whole Hotshot-XL UNet")
+        rest = k[m.end():]
+        if rest.endswith(_HOTSHOT_PE[1:]):
+            rest = rest[: -len("positional_encoding")] + "pe"
+        out[f"{m.group(1)}.motion_modules.{m.group(2)}.temporal_transformer.{rest}"] = v
+    return out
+
+
+def original_to_hotshot(sd: dict[str, torch.Tensor], max_frames: int = 24) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`hotshot_to_original`; the position table is cut to Hotshot-XL's ``max_frames``."""
+    out = {}
+    for k, v in sd.items():
+        m = _SLOT.match(k)
+        if not m or ".temporal_transformer." not in k or k.startswith("mid_block."):
+            continue  # Hotshot-XL has no mid block; blender/conv are not Hotshot-XL
+        rest = k[m.end():].replace("temporal_transformer.", "", 1)
+        if rest.endswith("pos_encoder.pe"):
+            rest, v = rest[: -len("pe")] + "positional_encoding", v[:, :max_frames]
+        out[f"{m.group(1)}.temporal_attentions.{m.group(4)}.{rest}"] = v.contiguous()
+    return out
+
+
 def _base_for(channels: tuple[int, ...], nres: int) -> str:
     return {((320, 640, 1280, 1280), 2): "sd15", ((320, 640, 1280), 2): "sdxl",
             ((320, 640), 1): "tiny-sd15"}.get((channels, nres), "custom")
@@ -146,7 +190,9 @@ def inspect_original(sd: dict[str, torch.Tensor], fmt: str = "animatediff") -> M
     nres = len(down[0])
     mid = any(k.startswith("mid_block.") for k in sd)
     base = _base_for(channels, nres)
-    if mid:
+    if fmt == "hotshotxl":
+        version = "hotshotxl"
+    elif mid:
         version = "v2"
     elif max_frames == 24:
         version = "v1"
@@ -178,18 +224,24 @@ def detect(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) 
     fmt = key_format(set(sd), metadata)
     if fmt == "compartments":
         return _info_from_metadata(metadata or {}, sd)
+    return inspect_original(_to_original(sd, fmt), fmt)
+
+
+def _to_original(sd: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
     if fmt == "animatediff-diffusers":
-        return inspect_original(diffusers_to_original(sd), fmt)
-    return inspect_original(sd, fmt)
+        return diffusers_to_original(sd)
+    if fmt == "hotshotxl":
+        return hotshot_to_original(sd)
+    return dict(sd)
 
 
 def build_animatediff(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
                       norm: str = "frame") -> tuple[MotionModule, MotionInfo]:
-    """An AnimateDiff motion module (either layout) as a :class:`MotionModule` with alpha fixed at 0."""
+    """An AnimateDiff motion module (any layout, Hotshot-XL's included) as a :class:`MotionModule` with alpha fixed at 0."""
     fmt = key_format(set(sd), metadata)
     if fmt == "compartments":
         raise FormatError("this file holds Compartments temporal layers; use load_layers")
-    original = diffusers_to_original(sd) if fmt == "animatediff-diffusers" else dict(sd)
+    original = _to_original(sd, fmt)
     info = inspect_original(original, fmt)
     module = MotionModule(info.layout(), ("attention",), max_frames=info.max_frames, num_layers=info.num_layers,
                           norm=norm, alpha=0.5)
@@ -220,7 +272,7 @@ def _load_strict(module: MotionModule, sd: dict[str, torch.Tensor], info: Motion
 
 
 def load_motion_module(path: str | Path, norm: str = "frame") -> tuple[MotionModule, MotionInfo]:
-    """Load any supported file (AnimateDiff original/diffusers, or Compartments layers)."""
+    """Load any supported file (AnimateDiff original/diffusers, Hotshot-XL, or Compartments layers)."""
     sd, metadata = read_safetensors(path)
     if key_format(set(sd), metadata) == "compartments":
         return _build_layers(sd, metadata)

@@ -76,8 +76,9 @@ def check_injection(module: MotionModule, model_layout: Layout, frame_count: int
     try:
         check_compatible(module.layout, model_layout)
     except LayoutMismatch as exc:
-        raise InjectionError(str(exc) + ".", f"load a motion module made for {model_layout.name} (e.g. an SD1.5 "
-                             "module for an SD1.5 checkpoint, the SDXL one for SDXL).", "temporal_layers") from exc
+        raise InjectionError(str(exc) + ".", f"load a motion module made for {model_layout.name} (an SD1.5 v1/v2/v3 "
+                             "module for SD1.5 checkpoints, AnimateDiff-SDXL beta or Hotshot-XL for SDXL-family "
+                             "ones).", "temporal_layers") from exc
     if context_length < 0:
         raise InjectionError(f"must be 0 (off) or more, got {context_length}.", "", "context_length")
     if context_length > 0:

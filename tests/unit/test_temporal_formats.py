@@ -127,3 +127,85 @@ def test_parity_with_diffusers_animatediff_transformer() -> None:
         per_frame = ours.layer(cases[0][0])(x, frames)
         ref = cases[0][1](x, num_frames=frames)
     assert (per_frame - ref).abs().max().item() > 1e-4  # the documented normalisation difference is real
+
+
+# --- SDXL: AnimateDiff-SDXL beta and Hotshot-XL, at their real shapes ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl_mm() -> dict[str, torch.Tensor]:
+    """A full-size AnimateDiff-SDXL beta state dict (236 M parameters, seeded), original layout."""
+    return tiny_temporal.motion_state_dict(SDXL, seed=5)
+
+
+def test_hotshot_layout_is_detected_as_sdxl_and_renames_losslessly(sdxl_mm) -> None:
+    from compartments.temporal import hotshot_to_original, original_to_hotshot
+
+    hs = original_to_hotshot(sdxl_mm, max_frames=24)
+    assert "down_blocks.2.temporal_attentions.1.transformer_blocks.0.attention_blocks.1.to_q.weight" in hs
+    assert hs["up_blocks.0.temporal_attentions.2.transformer_blocks.0.attention_blocks.0.pos_encoder."
+              "positional_encoding"].shape == (1, 24, 1280)
+    assert not any(".motion_modules." in k or k.startswith("mid_block") for k in hs)
+    info = detect(hs)
+    assert (info.format, info.version, info.base) == ("hotshotxl", "hotshotxl", "sdxl")
+    assert (info.block_channels, info.num_res_blocks, info.mid, info.max_frames) == ((320, 640, 1280), 2, False, 24)
+    back = hotshot_to_original(hs)
+    assert back.keys() == sdxl_mm.keys()
+    for k, v in back.items():
+        want = sdxl_mm[k][:, :24] if k.endswith(".pe") else sdxl_mm[k]
+        assert torch.equal(v, want), k
+    xl = detect(sdxl_mm)
+    assert (xl.format, xl.version, xl.base, xl.max_frames) == ("animatediff", "sdxl-beta", "sdxl", 32)
+
+
+def test_hotshot_file_with_unet_keys_is_refused(tmp_path) -> None:
+    from compartments.temporal import original_to_hotshot
+
+    hs = original_to_hotshot(tiny_temporal.shapes_only(SDXL))
+    hs = {k: torch.zeros(1) for k in list(hs)[:4]}
+    hs["down_blocks.0.resnets.0.conv1.weight"] = torch.zeros(1)
+    path = tmp_path / "hotshot_xl_unet.safetensors"
+    save_file(hs, str(path))
+    with pytest.raises(FormatError, match="outside its temporal layers.*hsxl_temporal_layers"):
+        load_motion_module(path)
+
+
+def test_hotshot_and_animatediff_sdxl_with_the_same_weights_compute_the_same(sdxl_mm) -> None:
+    from compartments.temporal import build_animatediff, original_to_hotshot
+
+    ad, ad_info = build_animatediff(sdxl_mm)
+    hs, hs_info = build_animatediff(original_to_hotshot(sdxl_mm, max_frames=24))
+    assert (ad_info.max_frames, hs_info.max_frames) == (32, 24) and ad.layout == hs.layout
+    frames = 8  # Hotshot-XL's clip length
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key, layer in ad.layers().items():
+            x = torch.randn(frames, layer.channels, 2, 2, generator=gen)
+            assert torch.equal(layer(x, frames), hs.layer(key)(x, frames)), key
+        with pytest.raises(ValueError, match="position table holds 24"):
+            hs.layer("down_blocks.0.motion_modules.0")(torch.randn(32, 320, 1, 1), 32)
+
+
+def test_sdxl_parity_with_diffusers_motion_adapter(sdxl_mm) -> None:
+    """Every SDXL motion module equals diffusers' SDXL MotionAdapter on the same weights (float32, 1e-4)."""
+    from diffusers.models.unets.unet_motion_model import MotionAdapter
+
+    from compartments.temporal import build_animatediff
+
+    torch.manual_seed(0)
+    adapter = MotionAdapter(block_out_channels=(320, 640, 1280), motion_layers_per_block=2,
+                            use_motion_mid_block=False, motion_max_seq_length=32).eval()
+    missing, unexpected = adapter.load_state_dict(original_to_diffusers(sdxl_mm), strict=False)
+    assert not unexpected and missing and all(k.endswith("pos_embed.pe") for k in missing)
+    ours, _ = build_animatediff(sdxl_mm, norm="video")
+    frames = 8
+    gen = torch.Generator().manual_seed(2)
+    compared = 0
+    with torch.no_grad():
+        for key, layer in ours.layers().items():
+            side, level, _, j = key.split(".")
+            ref_block = getattr(adapter, side)[int(level)].motion_modules[int(j)]
+            x = torch.randn(2 * frames, layer.channels, 2, 2, generator=gen)
+            assert (layer(x, frames) - ref_block(x, num_frames=frames)).abs().max().item() <= 1e-4, key
+            compared += 1
+    assert compared == 15  # 3 levels x (2 down + 3 up)
