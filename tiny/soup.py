@@ -47,12 +47,18 @@ def member(shard: int, base_seed: int = 0, scale: float = 0.05) -> Path:
 SAVED_SOUP = "soup-ab.safetensors"
 
 
-def saved_soup() -> Path:
-    """A uniform soup of members 0 and 1, built by the streaming engine (cached)."""
+def saved_soup(path: Path) -> Path:
+    """A uniform soup of members 0 and 1 at ``path``, built by the streaming engine (unless there).
+
+    Not cached: it is the engine's output, not a fixture, and at 1.06 GB it would hold the
+    tiny-model cache over its 10 GB budget; building it takes a few seconds.
+    """
     from ..soup.engine import build_soup
 
-    cfg = {"kind": "soup-ab", "members": [str(member(0)), str(member(1))], "v": 1}
-    return cached("soup-ab.safetensors", cfg, lambda p: build_soup([member(0), member(1)], p))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        build_soup([member(0), member(1)], path)
+    return path
 
 
 def prepare(models_dir: Path, input_dir: Path) -> dict:
@@ -60,5 +66,5 @@ def prepare(models_dir: Path, input_dir: Path) -> dict:
     (soups/soup-ab.safetensors, with its manifest) for the soup workflows."""
     placed = [link_into(member(i), Path(models_dir) / "checkpoints" / f"soup-member-{n}.safetensors").name
               for i, n in enumerate(NAMES)]
-    soup = link_into(saved_soup(), Path(models_dir) / "soups" / SAVED_SOUP)
+    soup = saved_soup(Path(models_dir) / "soups" / SAVED_SOUP)
     return {"checkpoints": placed, "soups": [soup.name]}

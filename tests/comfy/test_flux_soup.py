@@ -80,10 +80,20 @@ def test_flux_members_load_as_flux_and_their_soup_samples_with_core_nodes(comfy,
 def test_a_temporal_node_refuses_flux_clearly(comfy, flux_members):
     from compartments.nodes._host import InputError
     from compartments.tiny import temporal as tiny_temporal
+    from compartments.tiny import temporal_sdxl
 
     tiny_temporal.prepare(comfy.models_dir, comfy.input_dir)
-    (layers,) = comfy.run("CompartmentsLoadMotionModule", motion_module=tiny_temporal.ORIGINAL_NAME)
+    mm_dir = comfy.models_dir / "animatediff_models"
+    temporal_sdxl.write_hotshot(mm_dir / temporal_sdxl.HOTSHOT_NAME)
     (model,) = comfy.run("UNETLoader", unet_name=flux_members[0], weight_dtype="default")
-    with pytest.raises(InputError, match=r"Apply Temporal Layers: input 'model': Flux is not a UNet"):
-        comfy.run("CompartmentsApplyTemporalLayers", model=model, temporal_layers=layers, frame_count=8,
-                  context_length=0, context_overlap=4, context_blend="pyramid", alpha=-1.0, alpha_overrides="")
+    untouched = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items() if "double_blocks.0" in k}
+    for name in (tiny_temporal.ORIGINAL_NAME, temporal_sdxl.HOTSHOT_NAME):  # an SD1.5-layout and an SDXL module
+        (layers,) = comfy.run("CompartmentsLoadMotionModule", motion_module=name)
+        with pytest.raises(InputError, match=r"Apply Temporal Layers: input 'model': the model is Flux, a diffusion "
+                                             r"transformer without UNet blocks"):
+            comfy.run("CompartmentsApplyTemporalLayers", model=model, temporal_layers=layers, frame_count=8,
+                      context_length=0, context_overlap=4, context_blend="pyramid", alpha=-1.0, alpha_overrides="")
+        del layers
+    after = model.model.diffusion_model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in untouched.items())
+    (mm_dir / temporal_sdxl.HOTSHOT_NAME).unlink()
