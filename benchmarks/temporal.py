@@ -6,6 +6,8 @@ Figures (one JSON line each):
   resolution for 64x64 latents (320 ch at 64x64, 640 ch at 32x32), one video of 16 / 32
   frames, per attention backend (torch SDPA; xformers when installed). frames/s and
   peak memory (CUDA: max allocated; CPU: peak RSS of a fresh child process).
+  ``--layout sdxl``: the full-size AnimateDiff-SDXL beta module instead (15 layers, 320 ch at
+  the latent side, 640 at half, 1280 at a quarter).
 * ``unet_step``: one full tiny-UNet call (ComfyUI's model, temporal layers injected through
   the node) on a video of F frames, with and without the layers, when ComfyUI is found;
   latent size ``--unet-latent`` (default 8 = 64x64 px: the full UNet at 64x64 latents takes
@@ -56,16 +58,22 @@ def _peak_rss_gb() -> float:
     return kb / (1024 ** 2) if platform.system() != "Darwin" else kb / (1024 ** 3)
 
 
-def layers_child(frames: int, latent: int, backend: str, repeats: int) -> dict:
+LAYOUT_LABELS = {"tiny-sd15": "tiny-sd15 + tiny AnimateDiff module (7 layers)",
+                 "sdxl": "full-size AnimateDiff-SDXL beta module (15 layers, 236 M parameters)"}
+
+
+def layers_child(frames: int, latent: int, backend: str, repeats: int, layout: str = "tiny-sd15") -> dict:
     """Run in a fresh process: time all temporal layers once per repeat; report fps and peak memory."""
     sys.path.insert(0, str(ROOT.parent))
     from compartments.temporal.formats import build_animatediff
-    from compartments.temporal.layers import set_attention_backend
+    from compartments.temporal.layers import SDXL, set_attention_backend
     from compartments.tiny.temporal import motion_state_dict
 
     set_attention_backend(backend)
     dev = _device()
-    module, _ = build_animatediff(motion_state_dict(seed=0))
+    sd = motion_state_dict(SDXL, seed=5) if layout == "sdxl" else motion_state_dict(seed=0)
+    module, _ = build_animatediff(sd)
+    del sd
     module = module.to(dev).eval()
     shapes = {}
     for slot in module.layout.slots:
@@ -89,8 +97,8 @@ def layers_child(frames: int, latent: int, backend: str, repeats: int) -> dict:
     return {"seconds": best, "fps": frames / best, "peak_gb": peak, "baseline_rss_gb": base_rss, "device": dev.type}
 
 
-def run_layers(frames: int, latent: int, backend: str, repeats: int) -> None:
-    cmd = [sys.executable, __file__, "--child", str(frames), str(latent), backend, str(repeats)]
+def run_layers(frames: int, latent: int, backend: str, repeats: int, layout: str = "tiny-sd15") -> None:
+    cmd = [sys.executable, __file__, "--child", str(frames), str(latent), backend, str(repeats), layout]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT.parent)})
     if out.returncode:
         emit("temporal_layers_fps", None, "frames/s", frames=frames, latent=latent, attention=backend,
@@ -98,7 +106,7 @@ def run_layers(frames: int, latent: int, backend: str, repeats: int) -> None:
         return
     r = json.loads(out.stdout.strip().splitlines()[-1])
     common = {"frames": frames, "latent": f"{latent}x{latent}", "attention": backend, "device": r["device"],
-              "model": "tiny-sd15 + tiny AnimateDiff module (7 layers)", "threads": torch.get_num_threads()}
+              "model": LAYOUT_LABELS[layout], "threads": torch.get_num_threads()}
     emit("temporal_layers_fps", round(r["fps"], 2), "frames/s", seconds=round(r["seconds"], 3), **common)
     emit("temporal_layers_peak_memory", round(r["peak_gb"], 3), "GB",
          measure="cuda max allocated" if r["device"] == "cuda" else "peak RSS of the child process", **common)
@@ -303,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "--child":
         frames, latent, backend, repeats = int(argv[1]), int(argv[2]), argv[3], int(argv[4])
         torch.set_num_threads(max(torch.get_num_threads(), 1))
-        print(json.dumps(layers_child(frames, latent, backend, repeats)))
+        print(json.dumps(layers_child(frames, latent, backend, repeats, argv[5] if len(argv) > 5 else "tiny-sd15")))
         return 0
     if argv and argv[0] == "--graph-child":
         impl, frames, steps, ckpt, motion, ade, out, with_image = argv[1:9]
@@ -314,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="16 frames only, one repeat, no full-size side-by-side run")
     ap.add_argument("--latent", type=int, default=64, help="latent side for the temporal-layer figures")
+    ap.add_argument("--layout", choices=sorted(LAYOUT_LABELS), default="tiny-sd15",
+                    help="motion module of the temporal-layer figures: the tiny SD1.5 one or the full-size SDXL one")
     ap.add_argument("--unet-latent", type=int, default=8, help="latent side for the full-UNet figure")
     ap.add_argument("--no-unet", action="store_true", help="skip the tiny full-UNet figure")
     ap.add_argument("--figures", default="layers,unet,ade",
@@ -333,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                 emit("temporal_layers_fps", None, "frames/s", attention=backend, note="xformers not installed")
                 continue
             for frames in frames_list:
-                run_layers(frames, ns.latent, backend, repeats)
+                run_layers(frames, ns.latent, backend, repeats, ns.layout)
     if "unet" in groups and not ns.no_unet:
         run_unet(frames_list, ns.unet_latent, 1)
     if "ade" in groups:
