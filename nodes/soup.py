@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +20,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from .. import soup as engine
-from ..atomic import replacing
+from ..soup.exact import stale_sidecars
 from ..soup.layout import layout_of
 from ..soup.st import Reader
 from . import _host
@@ -70,10 +69,11 @@ def _evict_scratch(folder: str, keep: int) -> None:
             except OSError:
                 continue
     for _, path in sorted(soups)[: max(len(soups) - keep, 0)]:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        for p in [path, *stale_sidecars(path, None)]:  # the soup and its exact-sum sidecar
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
 
 
 def _fingerprint(*checkpoints: str) -> str:
@@ -197,8 +197,8 @@ class SoupBuild(io.ComfyNode):
                 io.Combo.Input("dtype", options=list(engine.OUT_DTYPES), default="same",
                                tooltip="Storage dtype of the souped tensors: same as the base, or fp16, bf16, fp32, fp8."),
                 io.Boolean.Input("keep_sum", default=True,
-                                 tooltip="Store the float64 running sum so that add/remove are exact (bitwise "
-                                         "equal to a rebuild); costs extra file size."),
+                                 tooltip="Keep the exact running sum (a sidecar beside the soup, about 0.4x a "
+                                         "member) so that add/remove are exact: bitwise equal to a rebuild."),
             ],
             outputs=_soup_outputs(),
         )
@@ -309,7 +309,7 @@ class SoupSave(io.ComfyNode):
             node_id="CompartmentsSoupSave",
             display_name="Save Soup",
             category=CATEGORY,
-            description="Copies the soup (with its manifest and running sum) into models/soups, atomically.",
+            description="Copies the soup (with its manifest) and its exact-sum sidecar into models/soups, atomically.",
             is_output_node=True,
             inputs=[
                 SoupType.Input("soup",
@@ -328,9 +328,8 @@ class SoupSave(io.ComfyNode):
             raise _host.BadInput("filename", f"{os.path.basename(target)} already exists in models/soups.",
                                  "choose another name or enable overwrite.")
         src = _soup_file(soup)
-        with replacing(target, suffix=".partial", fsync=True) as tmp:  # the keeper: on disk before the rename
-            shutil.copyfile(src, tmp)
-            _host.check_interrupt()
+        with _host.blame("soup"):  # the soup and its exact-sum sidecar, each on disk before its rename
+            engine.copy_soup(src, target, check=_host.check_interrupt)
         name = os.path.relpath(target, os.path.realpath(_host.folder_dirs(SOUPS)[0]))
         return io.NodeOutput(name, ui={"text": [f"saved models/soups/{name}"]})
 

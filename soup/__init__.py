@@ -12,14 +12,17 @@ from .engine import (
     build_soup,
     check_compatible,
     content_id,
+    copy_soup,
     parse_members,
     parse_weights,
     read_manifest,
+    read_sums,
     remove_shard,
 )
 from .manifest import META_KEY, SUM_PREFIX, UNET_PREFIX, Manifest, Member
 
 __all__ = [
     "META_KEY", "OUT_DTYPES", "SUM_PREFIX", "UNET_PREFIX", "Manifest", "Member", "Shard", "SoupError", "add_shard",
-    "build_soup", "check_compatible", "content_id", "parse_members", "parse_weights", "read_manifest", "remove_shard",
+    "build_soup", "check_compatible", "content_id", "copy_soup", "parse_members", "parse_weights", "read_manifest", "read_sums",
+    "remove_shard",
 ]

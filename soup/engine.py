@@ -19,8 +19,10 @@ any plan (threads, buffers, hashing, the atomic write), ``sums.py`` holds the ar
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -30,11 +32,13 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import replacing
 from ..errors import CompartmentsError
+from . import exact, idcache
 from .layout import WHOLE, KeyLayout, layout_of
-from .manifest import META_KEY, SUM_PREFIX, Manifest, Member
-from .pipeline import Output, Parts, Plan, Progress, Source, hash_header, stream
-from .st import DTYPES, FLOATS, NAMES, Planned, Reader
+from .manifest import FORMAT, META_KEY, SUM_PREFIX, Manifest, Member
+from .pipeline import Output, Parts, Plan, Progress, Side, SideParts, Source, hash_header, stream
+from .st import DTYPES, FLOATS, NAMES, Planned, Reader, SafetensorsError
 from .sums import CHUNK, add_checked, axpy, chunks, fill, fits_f32, fp16_static, weights_exact
 
 OUT_DTYPES = {"same": None, "float16": "F16", "bfloat16": "BF16", "float32": "F32", "float8_e4m3fn": "F8_E4M3",
@@ -157,8 +161,66 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     return Manifest.from_json(text)
 
 
+def copy_soup(src: str | os.PathLike, target: str | os.PathLike, check: Callable[[], None] | None = None) -> Manifest:
+    """Copy a soup and its exact-sum sidecar to ``target`` (each atomic; the sidecar first, so the
+    new soup never lacks it), then drop ``target``'s older sidecars. ``check`` runs between the
+    two copies (an interrupt check: raising there leaves ``target`` as it was)."""
+    src, target = Path(src), Path(target)
+    man = read_manifest(src)
+    if man.exact_data:
+        side = exact.sidecar_path(src, man.exact_data["uid"])
+        if not side.exists():
+            raise SoupError(f"the exact-sum data of {src.name} is missing: {side.name} is not beside it; "
+                            "nothing was copied. Rebuild the soup from its members.")
+        with replacing(exact.sidecar_path(target, man.exact_data["uid"]), suffix=".partial") as tmp:
+            shutil.copyfile(side, tmp)
+    if check:
+        check()
+    with replacing(target, suffix=".partial") as tmp:
+        shutil.copyfile(src, tmp)
+    _drop_stale_sidecars(target, man)
+    return man
+
+
+def read_sums(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every stored running sum S of a soup, float64 and shaped like its tensor (an audit: the
+    exact-sum data decoded, from its sidecar (format 2) or the soup file (format 1)).
+
+    Loads all of them at once: meant for tests and small soups, not for streaming.
+    """
+    path = Path(path)
+    man = read_manifest(path)
+    if not man.sum_stored:
+        raise SoupError(f"{path.name} stores no running sum (it was built with keep_sum=false).")
+    with ExitStack() as opened:
+        sr = opened.enter_context(Reader(path))
+        keys = sorted(k for k in sr.entries if not k.startswith(SUM_PREFIX))
+        lay = layout_of(keys, path.name, man.components)
+        sk = [k for k in keys if souped(k, sr.entries[k].dtype, lay)]
+        if not man.exact_data:
+            return {k: sr.tensor(SUM_PREFIX + k).double().clone() for k in sk}
+        up = _Update.__new__(_Update)  # only the sidecar checks
+        up.man, up.soup, up.sk = man, path, set(sk)
+        side = up._open_sidecar(opened)
+        out, w = {}, exact.Scratch()
+        for k in sk:
+            e = sr.entries[k]
+            o = sr.tensor(k).reshape(-1).clone()
+            parts = {n: side.tensor(f"{n}:{k}").clone() for n in ("t", "v", "s") if f"{n}:{k}" in side.entries}
+            s = torch.empty(o.numel(), dtype=torch.float64)
+            exact.decode(o, parts, exact.Scale(e.dtype, up.side_total, up.side_guard), s, w)
+            out[k] = s.reshape(e.shape)
+        return out
+
+
 def content_id(path: str | os.PathLike, components: str = "unet") -> str:
-    """The member id: sha256 over the tensors that would be souped (sorted key order)."""
+    """The member id: sha256 over the tensors that would be souped (sorted key order); cached
+    per file version (``idcache``)."""
+    what = f"member:{components}"
+    version = idcache.version_of(path)
+    known = idcache.lookup(path, what)
+    if known:
+        return known
     h = hashlib.sha256()
     with Reader(path) as r:
         lay = layout_of(r.entries, r.path.name, components)
@@ -167,6 +229,7 @@ def content_id(path: str | os.PathLike, components: str = "unet") -> str:
             if souped(k, e.dtype, lay):
                 hash_header(h, lay.canonical(k), e.dtype, e.shape)  # as the pipeline hashes members while streaming
                 h.update(r.raw(k))
+    idcache.store(path, what, h.hexdigest(), version)
     return h.hexdigest()
 
 
@@ -181,66 +244,126 @@ class WeightedSum:
     add, 1 on the soup's running sum (or W on its averaged tensor) then +w; remove, the same
     then -w_j. ``exact`` starts as what the weights allow and drops at the first addition that
     rounds (TwoSum check), unless ``static`` proved them all exact up front (the fp16 grid).
+
+    ``stored`` says how an update's first read gives S: ``None`` (build; or the running sum
+    itself, format 1; or the averaged tensor, no sum kept), or per key the names of the
+    sidecar parts read after the soup tensor (``exact.decode``), with the soup's ``scales``.
     """
 
     coeffs: list[float]
     total: float
-    keep_sum: bool  # write S (float32 when it holds S exactly) before the tensor
+    keep_sum: bool  # write S's exact data to the sidecar beside the soup tensor
     exact: bool
     static: bool = False
     acc_dtype: torch.dtype = torch.float64
+    stored: dict[str, tuple[str, ...]] | None = None
+    scales: dict[str, exact.Scale] = field(default_factory=dict)
     stage: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.stage = torch.empty(CHUNK, dtype=torch.float32)  # per soup: safe if two soups run at once
+        self.scratch = exact.Scratch()
+        self.encoders: dict[str, exact.Encoder] = {}
+        self.t8 = torch.empty(0, dtype=torch.int8)
 
-    def __call__(self, out: Output, a: torch.Tensor, xs: Iterator[torch.Tensor]) -> Iterator[Parts]:
-        for i, (x, c) in enumerate(zip(xs, self.coeffs, strict=True)):
-            if i == 0:
-                fill(a, x, c, self.stage)
-            elif self.static or not self.exact:
-                axpy(a, x, c, self.stage)  # exact by the fp16 grid bound, or not promised
+    def __call__(self, out: Output, a: torch.Tensor, xs: Iterator[torch.Tensor]) -> Iterator[Parts | SideParts]:
+        """``a`` is a chunk-sized work buffer: S is summed chunk by chunk over all inputs at once,
+        so each chunk stays in cache from its first addition to its last use."""
+        got = list(xs)  # one read job: every member's tensor (or the soup, its sidecar parts, the shard)
+        first, parts = None, {}
+        if self.stored is not None:
+            first = got.pop(0)
+            parts = {name: got.pop(0) for name in self.stored[out.key]}
+            coeffs = self.coeffs[1:]
+        else:
+            coeffs = self.coeffs
+        n, dtype = out.numel, out.writes[-1].dtype
+        sums = self._sums(out, a, first, parts, got, coeffs)
+        if not self.keep_sum:
+            yield out.key, dtype, ((c / self.total).to(DTYPES[dtype]) for c in sums)
+            return
+        enc = self.encoders.get(dtype) or self.encoders.setdefault(dtype, exact.Encoder(dtype, self.total))
+        if self.t8.numel() < n:
+            self.t8 = torch.empty(0, dtype=torch.int8)
+            self.t8 = torch.empty(n, dtype=torch.int8)
+        t8 = self.t8[:n]
+        yield out.key, dtype, enc.soup_chunks(sums, t8)
+        if enc.too_many_exceptions(n):  # keep the whole sum: computed again from the inputs still in hand
+            whole = [c.clone() for c in self._sums(out, a, first, parts, got, coeffs)]
+            f32 = all(fits_f32(c) for c in whole)
+            yield "s:" + out.key, torch.cat([c.to(torch.float32) if f32 else c for c in whole])
+            return
+        yield "t:" + out.key, t8
+        if enc.values:
+            yield "v:" + out.key, torch.cat(enc.values)
+
+    def _sums(self, out: Output, a: torch.Tensor, first: torch.Tensor | None, parts: dict[str, torch.Tensor],
+              members: list[torch.Tensor], coeffs: list[float]) -> Iterator[torch.Tensor]:
+        """S chunk by chunk (a view on ``a``, valid until the next one), checked finite and in range."""
+        n, dtype = out.numel, out.writes[-1].dtype
+        limit = torch.finfo(DTYPES[dtype]).max * self.total
+        escapes = 0
+        for i in chunks(n):
+            m = min(CHUNK, n - i)
+            s = a[:m]
+            if first is not None:  # the soup tensor and its sidecar parts give S exactly
+                escapes = exact.decode_chunk(first[i:i + m], parts, i, escapes, self.scales[soup_dtype(first)], s,
+                                             self.scratch)
+                rest = zip(members, coeffs, strict=True)
             else:
-                y = x.to(a.dtype) * c if c != 1.0 else x.to(a.dtype)
-                summed, ok = add_checked(a, y)
-                a.copy_(summed)
-                del summed, y
-                self.exact = self.exact and ok
-        yield from self._emit(out, a)
+                fill(s, members[0][i:i + m], coeffs[0], self.stage)
+                rest = zip(members[1:], coeffs[1:], strict=True)
+            for x, c in rest:
+                xi = x[i:i + m]
+                if self.static or not self.exact:
+                    axpy(s, xi, c, self.stage)  # exact by the fp16 grid bound, or not promised
+                else:
+                    y = xi.to(s.dtype) * c if c != 1.0 else xi.to(s.dtype)
+                    summed, ok = add_checked(s, y)
+                    s.copy_(summed)
+                    self.exact = self.exact and ok
+            lo, hi = (float(v) for v in torch.aminmax(s))  # inf/NaN propagate into the bounds
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise SoupError(f"tensor {out.key}: the soup would hold inf/NaN values (a member holds them, or the "
+                                "weights overflow its dtype); nothing was written. Check the members with soup-info.")
+            if max(-lo, hi) > limit:
+                raise SoupError(f"tensor {out.key}: the soup's values reach {max(-lo, hi) / self.total:.4g}, beyond "
+                                f"what its dtype {dtype} holds ({torch.finfo(DTYPES[dtype]).max:g}); nothing was "
+                                "written. Choose a wider soup dtype (float16 or bfloat16).")
+            yield s
 
-    def _emit(self, out: Output, a: torch.Tensor) -> Iterator[Parts]:
-        """The running sum if kept (float32 when exact, else float64), then S / total in ``out``'s dtype.
 
-        ``a`` is divided in place, after the sum is written (the writer drains each part
-        first), and conversion goes chunk by chunk, so no second full-size tensor exists.
-        """
-        n = a.numel()
-        if self.keep_sum:
-            if a.dtype == torch.float64 and fits_f32(a):
-                yield SUM_PREFIX + out.key, "F32", (a[i:i + CHUNK].to(torch.float32) for i in chunks(n))
-            else:
-                yield SUM_PREFIX + out.key, NAMES[a.dtype], (a[i:i + CHUNK] for i in chunks(n))
-        a.div_(self.total)
-        if n and not bool(torch.isfinite(a.sum())):  # one reduction: any inf/NaN makes the sum non-finite
-            raise SoupError(f"tensor {out.key}: the soup would hold inf/NaN values (a member holds them, or the weights "
-                            "overflow its dtype); nothing was written. Check the members with soup-info.")
-        dtype = out.writes[-1].dtype
-        yield out.key, dtype, (a[i:i + CHUNK].to(DTYPES[dtype]) for i in chunks(n))
+def soup_dtype(t: torch.Tensor) -> str:
+    return NAMES[t.dtype]
 
 
 # --- plans: what each output key reads --------------------------------------------------
 
 
-def _souped(key: str, reads: tuple[tuple[Source, ...], ...], dtype: str, shape: tuple[int, ...],
-            keep_sum: bool) -> Output:
-    # the sum goes first, planned float64 (it may shrink to float32): the tensor is then computed in place from it
-    sum_first = (Planned(SUM_PREFIX + key, "F64", shape),) if keep_sum else ()
-    return Output(key, reads, (*sum_first, Planned(key, dtype, shape)))
+def _souped(key: str, reads: tuple[tuple[Source, ...], ...], dtype: str, shape: tuple[int, ...]) -> Output:
+    return Output(key, reads, (Planned(key, dtype, shape),))
 
 
-def _plan(outputs: list[Output], metadata: dict[str, str], reserve: int) -> Plan:
-    shrink = frozenset(p.key for o in outputs for p in o.writes if p.key.startswith(SUM_PREFIX))
-    return Plan(outputs, metadata, reserve, shrink)
+def _plan(outputs: list[Output], metadata: dict[str, str], reserve: int, side: Side | None) -> Plan:
+    return Plan(outputs, metadata, reserve, side=side)
+
+
+def _side(out: Path, uid: str, total: float, souped_keys: Sequence[str]) -> Side:
+    """The sidecar plan for a soup written to ``out``: header room for three parts per key."""
+    reserve = 1024 + sum(3 * (len(k) + 120) for k in souped_keys)
+    return Side(exact.sidecar_path(out, uid), exact.sidecar_meta(uid, total, exact.guard_for(total)), reserve,
+                hashlib.sha256())
+
+
+def _exact_data(side: Side, uid: str, size: int) -> dict:
+    return {"uid": uid, "sha256": side.digest.hexdigest(), "bytes": size, "encoding": exact.ENCODING,
+            "file": Path(side.path).name}
+
+
+def _drop_stale_sidecars(out: Path, man: Manifest) -> None:
+    """After a soup is committed: sidecars of earlier versions of ``out`` are garbage."""
+    for p in exact.stale_sidecars(out, man.exact_data["uid"] if man.exact_data else None):
+        p.unlink(missing_ok=True)
 
 
 def _meta(src: Reader, manifest: Manifest) -> dict[str, str]:
@@ -286,26 +409,59 @@ def build_soup(shards: Sequence[Shard | str | os.PathLike], out: str | os.PathLi
                              exact=keep_sum and weights_exact(weights, member_dtypes),
                              static=fp16_static(weights, member_dtypes),
                              acc_dtype=torch.float64 if keep_sum else torch.float32)
-        hashes = [hashlib.sha256() for _ in items]
-        base_hash = hashlib.sha256()
-        outputs = [_souped(k, tuple((Source(r, n[k], h, base_lay.canonical(k)),)
-                                    for r, n, h in zip(readers, names, hashes, strict=True)),
-                           OUT_DTYPES[dtype] or base_r.entries[k].dtype, base_r.entries[k].shape, keep_sum)
+        # member ids: from the id cache when this file version was hashed before, else while streaming
+        what = f"member:{components}"
+        versions = [idcache.version_of(s.path) for s in items]
+        known = [idcache.lookup(s.path, what) for s in items]
+        hashes = [None if k else hashlib.sha256() for k in known]
+        base_what = f"base:{components}"
+        base_version = idcache.version_of(base_path)
+        base_known = idcache.lookup(base_path, base_what)
+        base_hash = None if base_known else hashlib.sha256()
+        outputs = [_souped(k, (tuple(Source(r, n[k], h, base_lay.canonical(k))
+                                     for r, n, h in zip(readers, names, hashes, strict=True)),),
+                           OUT_DTYPES[dtype] or base_r.entries[k].dtype, base_r.entries[k].shape)
                    if k in sk else Output.copied(Source(base_r, k, base_hash)) for k in keys]
         manifest = Manifest(
             members=[], base={"name": base_path.name}, components=components, dtype=dtype,
             sum_stored=keep_sum, exact=False, souped_keys=len(sk), member_dtypes=sorted(member_dtypes))
         reserve = 2048 + sum(300 + 2 * len(s.path.name) for s in items) + 2 * len(base_path.name)
+        uid = exact.new_uid()
+        side = _side(Path(out), uid, method.total, sorted(sk)) if keep_sum else None
 
         def seal() -> dict[str, str]:
-            manifest.members = [Member(h.hexdigest(), s.path.name, s.weight) for h, s in zip(hashes, items, strict=True)]
-            manifest.base["id"] = base_hash.hexdigest()
+            ids = [k or h.hexdigest() for k, h in zip(known, hashes, strict=True)]
+            manifest.members = [Member(i, s.path.name, s.weight) for i, s in zip(ids, items, strict=True)]
+            manifest.base["id"] = base_known or base_hash.hexdigest()
             manifest.exact = bool(method.exact)
             manifest.history.append({"op": "build", "n": len(items), "time": time.time()})
+            if side is not None:
+                manifest.exact_data = _exact_data(side, uid, side_size())
             return _meta(base_r, manifest)
 
-        stream(out, _plan(outputs, _meta(base_r, manifest), reserve), method, seal, progress)
-        return manifest
+        side_size = _SideSize()
+        stream(out, _plan(outputs, _meta(base_r, manifest), reserve, side), method, seal, progress,
+               side_size.set)
+        for s, v, h in zip(items, versions, hashes, strict=True):
+            if h is not None:
+                idcache.store(s.path, what, h.hexdigest(), v)
+        if base_hash is not None:
+            idcache.store(base_path, base_what, base_hash.hexdigest(), base_version)
+    _drop_stale_sidecars(Path(out), manifest)
+    return manifest
+
+
+class _SideSize:
+    """The sidecar's final size, handed over by the pipeline before ``seal`` runs."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def set(self, n: int) -> None:
+        self.value = n
+
+    def __call__(self) -> int:
+        return self.value
 
 
 def _checked_shards(shards: Sequence[Shard | str | os.PathLike], out: str | os.PathLike,
@@ -386,7 +542,41 @@ class _Update:
         check_compatible(self.sr, self.hr, self.sk, layouts=(self.lay, shard_lay))
         self.names = {k: shard_lay.key(self.lay.relative(k)) for k in self.sk}  # the shard's name for each key
         self.shard_dtypes = {self.hr.entries[self.names[k]].dtype for k in self.sk}
-        self.digest = hashlib.sha256()
+        self.what = f"member:{self.man.components}"
+        self.version = idcache.version_of(self.shard)
+        self.known = idcache.lookup(self.shard, self.what)
+        self.digest = None if self.known else hashlib.sha256()
+        self.side = self._open_sidecar(opened) if self.man.exact_data else None
+
+    def _open_sidecar(self, opened: ExitStack) -> Reader:
+        """The soup's exact-sum data, checked against its manifest before anything is read."""
+        data = self.man.exact_data
+        path = exact.sidecar_path(self.soup, str(data.get("uid", "")))
+        fix = ("Nothing was written. Put the soup's own sidecar back beside it (copy both files together; "
+               "Save Soup and the command line do), or rebuild the soup from its members.")
+        if not path.exists():
+            raise SoupError(f"the exact-sum data of {self.soup.name} is missing: {path.name} is not beside it. {fix}")
+        size = path.stat().st_size
+        if size != data.get("bytes"):
+            raise SoupError(f"the exact-sum data {path.name} of {self.soup.name} is {size} bytes, its manifest says "
+                            f"{data.get('bytes')} (truncated or replaced). {fix}")
+        try:
+            r = opened.enter_context(Reader(path))
+        except SafetensorsError as e:
+            raise SoupError(f"the exact-sum data of {self.soup.name} is unreadable: {e}. {fix}") from None
+        try:
+            meta = json.loads(r.metadata.get(exact.META_KEY, "{}"))
+        except ValueError:
+            meta = {}
+        if meta.get("uid") != data.get("uid") or meta.get("encoding") != exact.ENCODING:
+            raise SoupError(f"{path.name} is not the exact-sum data of {self.soup.name} (it belongs to another soup "
+                            f"or version: uid {str(meta.get('uid'))[:16]} vs {str(data.get('uid'))[:16]}). {fix}")
+        for k in sorted(self.sk):
+            if "t:" + k not in r.entries and "s:" + k not in r.entries:
+                raise SoupError(f"{path.name} holds no exact sum for tensor {k} of {self.soup.name}. {fix}")
+        self.side_total = float(meta.get("total", 0.0))
+        self.side_guard = int(meta.get("guard", 0))
+        return r
 
     @classmethod
     @contextmanager
@@ -405,24 +595,46 @@ class _Update:
         man, sr = self.man, self.sr
         weight = abs(coeff)
         fr_total = _total(weights)
-        exact = (man.exact and man.sum_stored and weights_exact([weight], self.shard_dtypes)
-                 and Fraction(float(fr_total)) == fr_total)
-        static = exact and fp16_static(weights + [weight], set(man.member_dtypes) | self.shard_dtypes)
+        is_exact = (man.exact and man.sum_stored and weights_exact([weight], self.shard_dtypes)
+                    and Fraction(float(fr_total)) == fr_total)
+        static = is_exact and fp16_static(weights + [weight], set(man.member_dtypes) | self.shard_dtypes)
         method = WeightedSum([1.0 if man.sum_stored else man.total_weight, coeff], float(fr_total),
-                             man.sum_stored, exact=exact, static=static)
-        src = SUM_PREFIX if man.sum_stored else ""  # the soup's exact running sum, else the averaged tensor
-        outputs = [_souped(k, ((Source(sr, src + k), Source(self.hr, self.names[k], self.digest, self.lay.canonical(k))),),
-                           sr.entries[k].dtype, sr.entries[k].shape, man.sum_stored)
+                             man.sum_stored, exact=is_exact, static=static)
+        side_digest = hashlib.sha256()
+        if self.side is not None:  # format 2: the soup tensor, then its residual (and exceptions) or whole sum
+            side = self.side
+            parts = {k: tuple(n for n in ("t", "v", "s") if f"{n}:{k}" in side.entries) for k in self.sk}
+            method.stored = parts
+            method.scales = {d: exact.Scale(d, self.side_total, self.side_guard) for d in {sr.entries[k].dtype for k in self.sk}}
+            first = {k: (Source(sr, k), *(Source(side, f"{n}:{k}", side_digest) for n in parts[k])) for k in self.sk}
+        else:  # format 1: the running sum inside the soup file; no sum: the averaged tensor
+            src = SUM_PREFIX if man.sum_stored else ""
+            first = {k: (Source(sr, src + k),) for k in self.sk}
+        outputs = [_souped(k, ((*first[k], Source(self.hr, self.names[k], self.digest, self.lay.canonical(k))),),
+                           sr.entries[k].dtype, sr.entries[k].shape)
                    if k in self.sk else Output.copied(Source(sr, k)) for k in self.keys]
         new_man = Manifest.from_json(man.to_json())
+        new_man.format = FORMAT
         reserve = 2048 + 300 + 2 * len(self.shard.name) + 200
+        uid = exact.new_uid()
+        out_side = _side(self.out, uid, method.total, sorted(self.sk)) if man.sum_stored else None
+        side_size = _SideSize()
 
         def seal() -> dict[str, str]:
-            edit(new_man, self.digest.hexdigest())
+            if self.side is not None and side_digest.hexdigest() != man.exact_data.get("sha256"):
+                raise SoupError(f"the exact-sum data {Path(self.side.path).name} of {self.soup.name} does not match "
+                                "its manifest (sha256): it was changed or belongs to another soup. Nothing was "
+                                "written; rebuild the soup from its members.")
+            edit(new_man, self.known or self.digest.hexdigest())
             new_man.exact = bool(method.exact)
+            new_man.exact_data = _exact_data(out_side, uid, side_size()) if out_side else None
             return _meta(sr, new_man)
 
-        stream(self.out, _plan(outputs, _meta(sr, new_man), reserve), method, seal, progress)
+        stream(self.out, _plan(outputs, _meta(sr, new_man), reserve, out_side), method, seal, progress,
+               side_size.set)
+        if self.digest is not None:
+            idcache.store(self.shard, self.what, self.digest.hexdigest(), self.version)
+        _drop_stale_sidecars(self.out, new_man)
         return new_man
 
 

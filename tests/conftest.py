@@ -86,6 +86,19 @@ def _base_left_as_found(request):
 
 
 # ---------------------------------------------------------------- tier 2: in-process ComfyUI
+@pytest.fixture(scope="session", autouse=True)
+def _member_id_cache(tmp_path_factory):
+    """The soup's member-id cache (soup/idcache.py) lives in this run's temp folder, not ~/.cache,
+    so a run never reads ids an earlier run stored; servers started by the tests inherit it."""
+    before = os.environ.get("COMPARTMENTS_ID_CACHE")
+    os.environ["COMPARTMENTS_ID_CACHE"] = str(tmp_path_factory.mktemp("ids") / "member-ids.json")
+    yield
+    if before is None:
+        os.environ.pop("COMPARTMENTS_ID_CACHE", None)
+    else:
+        os.environ["COMPARTMENTS_ID_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def comfy(tmp_path_factory):
     """The ComfyUI of this run imported in-process (``--cpu``, temp base directory), through the

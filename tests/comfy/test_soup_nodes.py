@@ -106,6 +106,11 @@ def test_save_load_inspect_roundtrip(comfy, full):
     with pytest.raises(ValueError, match="Save Soup: input 'filename'.*already exists"):
         comfy.run("CompartmentsSoupSave", soup=soup, filename="three", overwrite=False)
     assert "three.safetensors" in folder_paths.get_filename_list("soups")
+    # the exact-sum sidecar travels with it, under the saved name, and is never offered as a soup
+    uid = soup.manifest.exact_data["uid"]
+    side = target.with_name(f"three.safetensors.{uid[:16]}.exact")
+    assert side.is_file() and _digest(side) == _digest(Path(f"{soup.path}.{uid[:16]}.exact"))
+    assert not [n for n in folder_paths.get_filename_list("soups") if not n.endswith(".safetensors")]
     loaded, model, clip, vae, text = comfy.run("CompartmentsSoupLoad", soup_name="three.safetensors")
     assert type(model.model.model_config).__name__ == "SD15"
     (info,) = comfy.run("CompartmentsSoupInspect", soup=loaded, as_json=False)
@@ -114,6 +119,11 @@ def test_save_load_inspect_roundtrip(comfy, full):
         assert m.id[:16] in info
     (js,) = comfy.run("CompartmentsSoupInspect", soup=loaded, as_json=True)
     assert json.loads(js)["n"] == 3
+    # the loaded soup still removes exactly: its sidecar was found beside it in models/soups
+    removed = comfy.run("CompartmentsSoupRemoveShard", soup=loaded, checkpoint="soup-member-c.safetensors")[0]
+    rebuilt = _build(comfy, members="soup-member-a.safetensors\nsoup-member-b.safetensors", dtype="float32")[0]
+    a, b = load_file(removed.path), load_file(rebuilt.path)
+    assert removed.manifest.exact and all(torch.equal(a[k], b[k]) for k in b)
 
 
 def test_remove_non_member_is_a_clear_error_and_touches_nothing(comfy, full):
@@ -217,6 +227,7 @@ def test_superseded_scratch_soups_are_evicted(comfy, prepared):
             for _ in range(soup_nodes.SCRATCH_KEEP + 2)]
     left = sorted(folder.glob("soup-*.safetensors"))
     assert len(left) == soup_nodes.SCRATCH_KEEP
+    assert len(list(folder.glob("soup-*.exact"))) == soup_nodes.SCRATCH_KEEP  # sidecars go with their soups
     assert {Path(r.path) for r in refs[-soup_nodes.SCRATCH_KEEP:]} == set(left)
     from compartments.nodes._host import InputError
 

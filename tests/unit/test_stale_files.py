@@ -62,18 +62,20 @@ def test_killed_soup_leaves_a_partial_that_the_next_soup_removes(tmp_path):
         build_soup({[str(m) for m in members]!r}, {str(out)!r},
                    progress=lambda done, total: time.sleep(0.5) if done > 2 else None)
     """)
-    (partial,) = _wait_for(".soup.safetensors.*.partial", tmp_path, proc)
+    _wait_for(".soup.safetensors.*.partial", tmp_path, proc)
     time.sleep(0.3)
     _kill(proc)
-    assert partial.exists() and not out.exists()
+    partials = list(tmp_path.glob(".soup.safetensors.*.partial"))  # the soup's and its sidecar's
+    assert len(partials) == 2 and not out.exists()
     # a live process's partial is never touched
     live = tmp_path / f".other.safetensors.{os.getpid()}.partial"
     live.write_bytes(b"in flight")
     from compartments.soup import build_soup
 
-    build_soup(members, out)
-    assert out.is_file() and not partial.exists() and live.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, out.name] + [m.name for m in members])
+    man = build_soup(members, out)
+    assert out.is_file() and not any(p.exists() for p in partials) and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, out.name, man.exact_data["file"]]
+                                                                + [m.name for m in members])
 
 
 def test_killed_store_build_leaves_a_building_folder_that_the_next_build_removes(tmp_path):
