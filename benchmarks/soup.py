@@ -146,6 +146,19 @@ def v_naive(paths: list[Path], out: Path) -> int:
     return sum(p.stat().st_size for p in paths)
 
 
+def v_mecha(paths: list[Path], out: Path) -> int:
+    """sd-mecha's n_average (pip install sd-mecha; never a dependency of the pack), its defaults:
+    float32 merge, float16 output, streaming with its own thread pool and buffers."""
+    import functools
+
+    import sd_mecha
+    import tqdm
+
+    recipe = sd_mecha.n_average(*[sd_mecha.model(str(p)) for p in paths])
+    sd_mecha.merge(recipe, output=str(out), tqdm=functools.partial(tqdm.tqdm, disable=True))
+    return sum(p.stat().st_size for p in paths)
+
+
 def v_remove(paths: list[Path], out: Path) -> int:
     from compartments.soup import remove_shard
 
@@ -153,7 +166,16 @@ def v_remove(paths: list[Path], out: Path) -> int:
     return out.stat().st_size + paths[-1].stat().st_size
 
 
-VARIANTS = {"read": v_read, "stream": v_stream, "stream_nosum": v_stream_nosum, "naive": v_naive, "remove": v_remove}
+VARIANTS = {"read": v_read, "stream": v_stream, "stream_nosum": v_stream_nosum, "naive": v_naive, "remove": v_remove,
+            "mecha": v_mecha}
+
+
+def have_mecha() -> bool:
+    try:
+        import sd_mecha  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def peak_rss() -> int:
@@ -175,6 +197,8 @@ def child(args: argparse.Namespace) -> int:
         import safetensors.torch  # noqa: F401
 
         import compartments.soup  # noqa: F401
+        if args.child == "mecha":
+            import sd_mecha  # noqa: F401
     base = peak_rss()
     t0 = time.perf_counter()
     nbytes = VARIANTS[args.child](paths, Path(args.out))
@@ -184,13 +208,20 @@ def child(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ parent side
-def run_variant(name: str, paths: list[Path], out: Path, warm: bool, extra_cold: list[Path] = ()) -> dict:
+def run_variant(name: str, paths: list[Path], out: Path, warm: bool, extra_cold: list[Path] = (),
+                fresh_ids: bool = False) -> dict:
+    """One variant in its own process; ``fresh_ids``: members are hashed as on a first soup (the
+    member-id cache under the benchmark folder is emptied first), else ids cached earlier are used."""
     os.sync()  # the previous variant's unsynced output must not be flushed on this one's clock
+    ids = out.parent / "member-ids.json"
+    if fresh_ids:
+        ids.unlink(missing_ok=True)
     if not warm:
-        drop_cache([*paths, *extra_cold])
+        drop_cache([*paths, *extra_cold, *out.parent.glob(out.name + ".*.exact")])
     cmd = [sys.executable, __file__, "--child", name, "--out", str(out), "--paths", *map(str, paths)]
     # torch's own default (one thread per core), as inside ComfyUI; OMP_NUM_THREADS overrides.
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1)),
+               COMPARTMENTS_ID_CACHE=str(ids))
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"variant {name} failed:\n{res.stderr[-3000:]}")
@@ -212,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the generated members for the next run")
     ap.add_argument("--repeat", type=int, default=3, help="paired repeats per N; figures are medians")
     ap.add_argument("--skip-naive-above", type=int, default=8, help="skip the naive variant above this N")
+    ap.add_argument("--no-mecha", action="store_true", help="skip sd-mecha even where it is installed")
     ap.add_argument("--child", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--paths", nargs="*", help=argparse.SUPPRESS)
@@ -219,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child(args)
 
-    ns = args.n or ([2, 4] if args.quick else [2, 4, 8])
+    ns = args.n or ([2, 4] if args.quick else [4, 8])
     args.dir.mkdir(parents=True, exist_ok=True)
     for layout in args.layout:
         members = [make_member(args.dir, layout, args.quick, i) for i in range(max(ns))]
@@ -237,7 +269,7 @@ def measure(args: argparse.Namespace, layout: str, members: list[Path], ns: list
     common = {"layout": layout, "tensors": len(layout_shapes(layout, args.quick)), "member_gib": round(size / GiB, 3),
               "member_mb": round(size / 1e6), "cache": cache,
               "cpu_threads": int(os.environ.get("OMP_NUM_THREADS", str(os.cpu_count() or 1))), "repeats": args.repeat}
-    streams = ("stream", "stream_nosum")
+    streams = ("stream", "stream_nosum") + (("mecha",) if have_mecha() and not args.no_mecha else ())
     for n in ns:
         paths = members[:n]
         soup = args.dir / f"soup-{n}.safetensors"
@@ -251,16 +283,19 @@ def measure(args: argparse.Namespace, layout: str, members: list[Path], ns: list
             names = ["read", *streams] + (["naive"] if rep == 0 and n <= args.skip_naive_above else [])
             for name in names:
                 out = soup if name == "stream" else args.dir / f"scratch-{name}.safetensors"
-                r = run_variant(name, paths, out, args.warm)
+                r = run_variant(name, paths, out, args.warm, fresh_ids=name in ("stream", "stream_nosum"))
                 runs.setdefault(name, []).append(r)
+                if name == "stream" and rep == 0:
+                    sizes = soup_sizes(soup, size)
                 if name in streams:
                     ratios[name].append(_tp(r) / _tp(runs["read"][-1]))
-            if n >= 3:
+            if n >= 3:  # member ids are cached by now (the soup above hashed them), as after any first soup
                 rem = run_variant("remove", paths, soup, args.warm, [soup])
                 soup.with_name(soup.stem + "-removed.safetensors").unlink(missing_ok=True)  # disk: SDXL soups are 21 GB
                 resoup = run_variant("stream", paths[:-1], rest, args.warm)
                 removes.append((rem, resoup))
-            for p in [*args.dir.glob("scratch-*"), rest]:
+            for p in [*args.dir.glob("scratch-*"), rest, *args.dir.glob(rest.name + ".*.exact"),
+                      *args.dir.glob(soup.stem + "-removed.safetensors.*.exact")]:
                 p.unlink(missing_ok=True)
         for name, rs in runs.items():
             peak = max(r["peak_rss"] for r in rs)
@@ -274,7 +309,17 @@ def measure(args: argparse.Namespace, layout: str, members: list[Path], ns: list
         for name in streams:
             vals = sorted(ratios[name])
             emit(figure=f"{name}_vs_read", n=n, value=round(statistics.median(vals), 3), unit="ratio",
-                 runs=[round(v, 3) for v in vals], target=">= 0.7", **common)
+                 runs=[round(v, 3) for v in vals], target=">= 0.6" if name == "stream" else "", **common)
+        emit(figure="soup_file_ratio", n=n, value=sizes["soup"], unit="x member", target="1 (the file ComfyUI loads)",
+             **common)
+        emit(figure="sidecar_ratio", n=n, value=sizes["sidecar"], unit="x member", target="<= 0.75", **common)
+        if "mecha" in runs:
+            st, me = runs["stream"], runs["mecha"]
+            emit(figure="vs_sd_mecha", n=n, unit="ratio",
+                 value=round(statistics.median(r["seconds"] for r in me) / statistics.median(r["seconds"] for r in st), 3),
+                 rss_ratio=round(max(r["peak_rss"] for r in me) / max(r["peak_rss"] for r in st), 3),
+                 note="sd-mecha n_average time / exact soup time (> 1: the soup is faster); rss_ratio likewise",
+                 **common)
         if removes:
             vals = sorted(rem["seconds"] / resoup["seconds"] for rem, resoup in removes)
             emit(figure="remove_seconds", n=n, value=round(statistics.median(r["seconds"] for r, _ in removes), 2),
@@ -283,6 +328,14 @@ def measure(args: argparse.Namespace, layout: str, members: list[Path], ns: list
                  runs=[round(v, 3) for v in vals], target=f"<= {3 / n:.3f}",
                  resoup_seconds=round(statistics.median(r["seconds"] for _, r in removes), 2), **common)
         soup.unlink(missing_ok=True)
+        for p in args.dir.glob("*.exact"):
+            p.unlink()
+
+
+def soup_sizes(soup: Path, member: int) -> dict:
+    """The soup file and its exact-sum sidecar, each as a multiple of one member's size."""
+    side = sum(p.stat().st_size for p in soup.parent.glob(soup.name + ".*.exact"))
+    return {"soup": round(soup.stat().st_size / member, 3), "sidecar": round(side / member, 3)}
 
 
 def _tp(r: dict) -> float:
