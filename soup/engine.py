@@ -199,16 +199,14 @@ def read_sums(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         sk = [k for k in keys if souped(k, sr.entries[k].dtype, lay)]
         if not man.exact_data:
             return {k: sr.tensor(SUM_PREFIX + k).double().clone() for k in sk}
-        up = _Update.__new__(_Update)  # only the sidecar checks
-        up.man, up.soup, up.sk = man, path, set(sk)
-        side = up._open_sidecar(opened)
+        side, total, guard = _open_sidecar(man, path, set(sk), opened)
         out, w = {}, exact.Scratch()
         for k in sk:
             e = sr.entries[k]
             o = sr.tensor(k).reshape(-1).clone()
             parts = {n: side.tensor(f"{n}:{k}").clone() for n in ("t", "v", "s") if f"{n}:{k}" in side.entries}
             s = torch.empty(o.numel(), dtype=torch.float64)
-            exact.decode(o, parts, exact.Scale(e.dtype, up.side_total, up.side_guard), s, w)
+            exact.decode(o, parts, exact.Scale(e.dtype, total, guard), s, w)
             out[k] = s.reshape(e.shape)
         return out
 
@@ -307,7 +305,7 @@ class WeightedSum:
             m = min(CHUNK, n - i)
             s = a[:m]
             if first is not None:  # the soup tensor and its sidecar parts give S exactly
-                escapes = exact.decode_chunk(first[i:i + m], parts, i, escapes, self.scales[soup_dtype(first)], s,
+                escapes = exact.decode_chunk(first[i:i + m], parts, i, escapes, self.scales[NAMES[first.dtype]], s,
                                              self.scratch)
                 rest = zip(members, coeffs, strict=True)
             else:
@@ -333,19 +331,11 @@ class WeightedSum:
             yield s
 
 
-def soup_dtype(t: torch.Tensor) -> str:
-    return NAMES[t.dtype]
-
-
 # --- plans: what each output key reads --------------------------------------------------
 
 
 def _souped(key: str, reads: tuple[tuple[Source, ...], ...], dtype: str, shape: tuple[int, ...]) -> Output:
     return Output(key, reads, (Planned(key, dtype, shape),))
-
-
-def _plan(outputs: list[Output], metadata: dict[str, str], reserve: int, side: Side | None) -> Plan:
-    return Plan(outputs, metadata, reserve, side=side)
 
 
 def _side(out: Path, uid: str, total: float, souped_keys: Sequence[str]) -> Side:
@@ -429,19 +419,17 @@ def build_soup(shards: Sequence[Shard | str | os.PathLike], out: str | os.PathLi
         uid = exact.new_uid()
         side = _side(Path(out), uid, method.total, sorted(sk)) if keep_sum else None
 
-        def seal() -> dict[str, str]:
+        def seal(side_bytes: int | None) -> dict[str, str]:
             ids = [k or h.hexdigest() for k, h in zip(known, hashes, strict=True)]
             manifest.members = [Member(i, s.path.name, s.weight) for i, s in zip(ids, items, strict=True)]
             manifest.base["id"] = base_known or base_hash.hexdigest()
             manifest.exact = bool(method.exact)
             manifest.history.append({"op": "build", "n": len(items), "time": time.time()})
             if side is not None:
-                manifest.exact_data = _exact_data(side, uid, side_size())
+                manifest.exact_data = _exact_data(side, uid, side_bytes)
             return _meta(base_r, manifest)
 
-        side_size = _SideSize()
-        stream(out, _plan(outputs, _meta(base_r, manifest), reserve, side), method, seal, progress,
-               side_size.set)
+        stream(out, Plan(outputs, _meta(base_r, manifest), reserve, side), method, seal, progress)
         for s, v, h in zip(items, versions, hashes, strict=True):
             if h is not None:
                 idcache.store(s.path, what, h.hexdigest(), v)
@@ -449,19 +437,6 @@ def build_soup(shards: Sequence[Shard | str | os.PathLike], out: str | os.PathLi
             idcache.store(base_path, base_what, base_hash.hexdigest(), base_version)
     _drop_stale_sidecars(Path(out), manifest)
     return manifest
-
-
-class _SideSize:
-    """The sidecar's final size, handed over by the pipeline before ``seal`` runs."""
-
-    def __init__(self) -> None:
-        self.value = 0
-
-    def set(self, n: int) -> None:
-        self.value = n
-
-    def __call__(self) -> int:
-        return self.value
 
 
 def _checked_shards(shards: Sequence[Shard | str | os.PathLike], out: str | os.PathLike,
@@ -516,6 +491,36 @@ def remove_shard(soup: str | os.PathLike, shard: str | os.PathLike, out: str | o
         return up.apply(-weight, [m.weight for i, m in enumerate(up.man.members) if i != j], edit, progress)
 
 
+def _open_sidecar(man: Manifest, soup: Path, souped_keys: set[str], opened: ExitStack) -> tuple[Reader, float, int]:
+    """The exact-sum sidecar of ``soup``, checked against its manifest before anything is read:
+    its reader, and the W and guard it was encoded with."""
+    data = man.exact_data
+    path = exact.sidecar_path(soup, str(data.get("uid", "")))
+    fix = ("Nothing was written. Put the soup's own sidecar back beside it (copy both files together; "
+           "Save Soup and the command line do), or rebuild the soup from its members.")
+    if not path.exists():
+        raise SoupError(f"the exact-sum data of {soup.name} is missing: {path.name} is not beside it. {fix}")
+    size = path.stat().st_size
+    if size != data.get("bytes"):
+        raise SoupError(f"the exact-sum data {path.name} of {soup.name} is {size} bytes, its manifest says "
+                        f"{data.get('bytes')} (truncated or replaced). {fix}")
+    try:
+        r = opened.enter_context(Reader(path))
+    except SafetensorsError as e:
+        raise SoupError(f"the exact-sum data of {soup.name} is unreadable: {e}. {fix}") from None
+    try:
+        meta = json.loads(r.metadata.get(exact.META_KEY, "{}"))
+    except ValueError:
+        meta = {}
+    if meta.get("uid") != data.get("uid") or meta.get("encoding") != exact.ENCODING:
+        raise SoupError(f"{path.name} is not the exact-sum data of {soup.name} (it belongs to another soup "
+                        f"or version: uid {str(meta.get('uid'))[:16]} vs {str(data.get('uid'))[:16]}). {fix}")
+    for k in sorted(souped_keys):
+        if "t:" + k not in r.entries and "s:" + k not in r.entries:
+            raise SoupError(f"{path.name} holds no exact sum for tensor {k} of {soup.name}. {fix}")
+    return r, float(meta.get("total", 0.0)), int(meta.get("guard", 0))
+
+
 class _Update:
     """What add and remove share: the soup and one shard, opened and checked, streamed key by key.
 
@@ -546,37 +551,8 @@ class _Update:
         self.version = idcache.version_of(self.shard)
         self.known = idcache.lookup(self.shard, self.what)
         self.digest = None if self.known else hashlib.sha256()
-        self.side = self._open_sidecar(opened) if self.man.exact_data else None
-
-    def _open_sidecar(self, opened: ExitStack) -> Reader:
-        """The soup's exact-sum data, checked against its manifest before anything is read."""
-        data = self.man.exact_data
-        path = exact.sidecar_path(self.soup, str(data.get("uid", "")))
-        fix = ("Nothing was written. Put the soup's own sidecar back beside it (copy both files together; "
-               "Save Soup and the command line do), or rebuild the soup from its members.")
-        if not path.exists():
-            raise SoupError(f"the exact-sum data of {self.soup.name} is missing: {path.name} is not beside it. {fix}")
-        size = path.stat().st_size
-        if size != data.get("bytes"):
-            raise SoupError(f"the exact-sum data {path.name} of {self.soup.name} is {size} bytes, its manifest says "
-                            f"{data.get('bytes')} (truncated or replaced). {fix}")
-        try:
-            r = opened.enter_context(Reader(path))
-        except SafetensorsError as e:
-            raise SoupError(f"the exact-sum data of {self.soup.name} is unreadable: {e}. {fix}") from None
-        try:
-            meta = json.loads(r.metadata.get(exact.META_KEY, "{}"))
-        except ValueError:
-            meta = {}
-        if meta.get("uid") != data.get("uid") or meta.get("encoding") != exact.ENCODING:
-            raise SoupError(f"{path.name} is not the exact-sum data of {self.soup.name} (it belongs to another soup "
-                            f"or version: uid {str(meta.get('uid'))[:16]} vs {str(data.get('uid'))[:16]}). {fix}")
-        for k in sorted(self.sk):
-            if "t:" + k not in r.entries and "s:" + k not in r.entries:
-                raise SoupError(f"{path.name} holds no exact sum for tensor {k} of {self.soup.name}. {fix}")
-        self.side_total = float(meta.get("total", 0.0))
-        self.side_guard = int(meta.get("guard", 0))
-        return r
+        self.side, self.side_total, self.side_guard = (
+            _open_sidecar(self.man, self.soup, self.sk, opened) if self.man.exact_data else (None, 0.0, 0))
 
     @classmethod
     @contextmanager
@@ -618,20 +594,18 @@ class _Update:
         reserve = 2048 + 300 + 2 * len(self.shard.name) + 200
         uid = exact.new_uid()
         out_side = _side(self.out, uid, method.total, sorted(self.sk)) if man.sum_stored else None
-        side_size = _SideSize()
 
-        def seal() -> dict[str, str]:
+        def seal(side_bytes: int | None) -> dict[str, str]:
             if self.side is not None and side_digest.hexdigest() != man.exact_data.get("sha256"):
                 raise SoupError(f"the exact-sum data {Path(self.side.path).name} of {self.soup.name} does not match "
                                 "its manifest (sha256): it was changed or belongs to another soup. Nothing was "
                                 "written; rebuild the soup from its members.")
             edit(new_man, self.known or self.digest.hexdigest())
             new_man.exact = bool(method.exact)
-            new_man.exact_data = _exact_data(out_side, uid, side_size()) if out_side else None
+            new_man.exact_data = _exact_data(out_side, uid, side_bytes) if out_side else None
             return _meta(sr, new_man)
 
-        stream(self.out, _plan(outputs, _meta(sr, new_man), reserve, out_side), method, seal, progress,
-               side_size.set)
+        stream(self.out, Plan(outputs, _meta(sr, new_man), reserve, out_side), method, seal, progress)
         if self.digest is not None:
             idcache.store(self.shard, self.what, self.digest.hexdigest(), self.version)
         _drop_stale_sidecars(self.out, new_man)

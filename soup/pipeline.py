@@ -92,14 +92,12 @@ class Output:
 class Plan:
     """The whole output file: its tensors in order and the header written before them.
 
-    ``metadata`` is the provisional header (its size plus ``reserve`` bounds the final one);
-    ``shrink`` names planned float64 tensors that may arrive as float32.
+    ``metadata`` is the provisional header (its size plus ``reserve`` bounds the final one).
     """
 
     outputs: list[Output]
     metadata: dict[str, str]
     reserve: int
-    shrink: frozenset[str] = frozenset()
     side: Side | None = None
 
 
@@ -222,14 +220,14 @@ class _Reads:
 
 
 @soup_threads
-def stream(path: str | os.PathLike, plan: Plan, combine: Combine, seal: Callable[[], dict[str, str]],
-        progress: Progress = None, side_size: Callable[[int], None] | None = None) -> None:
+def stream(path: str | os.PathLike, plan: Plan, combine: Combine, seal: Callable[[int | None], dict[str, str]],
+        progress: Progress = None) -> None:
     """Stream ``plan`` into ``path`` (atomic). ``seal`` gives the final metadata once every tensor
     is written (member hashes are complete then); raising there, or anywhere, writes nothing."""
     acc = torch.empty(CHUNK, dtype=combine.acc_dtype)  # the combine's chunk-sized work buffer
     planned = [p for o in plan.outputs for p in o.writes]
     with ThreadPoolExecutor(1) as hasher, ThreadPoolExecutor(1) as io, \
-            atomic_writer(path, planned, plan.metadata, plan.shrink, plan.reserve) as w, ExitStack() as sides:
+            atomic_writer(path, planned, plan.metadata, plan.reserve) as w, ExitStack() as sides:
         side = sides.enter_context(atomic_append_writer(plan.side.path, plan.side.reserve, plan.side.metadata)) \
             if plan.side else None
         hashed: list[Future] = []
@@ -255,8 +253,6 @@ def stream(path: str | os.PathLike, plan: Plan, combine: Combine, seal: Callable
         for h in hashed:
             h.result()
         reads.drain()
-        if side is not None and side_size is not None:
-            side_size(side.size)
-        w.set_metadata(seal())
+        w.set_metadata(seal(side.size if side is not None else None))
         sides.close()  # the sidecar is renamed into place first
 

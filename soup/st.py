@@ -203,19 +203,28 @@ def _write_all(f, data, owner: object | None) -> None:
     f.write(data)
 
 
+def _header(meta: dict[str, str], items: list[tuple[str, str, tuple[int, ...], int]]) -> bytes:
+    """The safetensors header of ``items`` (key, dtype code, shape, byte count) laid out in order."""
+    header: dict[str, object] = {}
+    if meta:
+        header["__metadata__"] = meta
+    off = 0
+    for key, dtype, shape, nbytes in items:
+        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + nbytes]}
+        off += nbytes
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
 class Writer:
     """Writes a planned list of tensors in order; the header goes first with computed offsets.
 
-    A planned ``F64`` tensor marked ``shrink`` may arrive as ``F32`` (a running sum that turned
-    out to be exactly representable in half the bytes). Offsets then only get smaller, so
-    :meth:`finish` rewrites the header in place, padded with spaces to the reserved length.
+    Metadata known only at the end (content hashes) is written by :meth:`finish` into the
+    header, padded with spaces to the length reserved at the start.
     """
 
-    def __init__(self, f, plan: list[Planned], metadata: dict[str, str] | None = None,
-                 shrink: frozenset[str] = frozenset(), reserve: int = 0):
+    def __init__(self, f, plan: list[Planned], metadata: dict[str, str] | None = None, reserve: int = 0):
         self._f = f
         self._plan = plan
-        self._shrink = shrink
         self._meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         self._actual: list[tuple[str, str, tuple[int, ...], int]] = []
         self._i = 0
@@ -228,14 +237,7 @@ class Writer:
         f.write(blob)
 
     def _header(self, items: list[tuple[str, str, tuple[int, ...], int]]) -> bytes:
-        header: dict[str, object] = {}
-        if self._meta:
-            header["__metadata__"] = self._meta
-        off = 0
-        for key, dtype, shape, nbytes in items:
-            header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + nbytes]}
-            off += nbytes
-        return json.dumps(header, separators=(",", ":")).encode()
+        return _header(self._meta, items)
 
     def set_metadata(self, metadata: dict[str, str]) -> None:
         """Replace the metadata; written by :meth:`finish` into the reserved header space."""
@@ -256,15 +258,14 @@ class Writer:
         dtype = p.dtype
         if isinstance(data, torch.Tensor):
             dtype = NAMES.get(data.dtype, "?")
-            ok = dtype == p.dtype or (key in self._shrink and p.dtype == "F64" and dtype == "F32")
-            if not ok or tuple(data.shape) != p.shape:
+            if dtype != p.dtype or tuple(data.shape) != p.shape:
                 raise RuntimeError(f"writer: '{key}' planned {p.dtype}{list(p.shape)}, got {data.dtype}{list(data.shape)}")
             t = data.detach().contiguous().cpu()
             # reshape(-1): a 0-d tensor (SDXL's logit_scale) cannot be viewed as bytes of another size
             buf = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
         else:
             buf = memoryview(data).cast("B")
-        expect = p.nbytes * itemsize(dtype) // itemsize(p.dtype)
+        expect = p.nbytes
         if buf.nbytes != expect:
             raise RuntimeError(f"writer: '{key}' has {buf.nbytes} bytes, planned {expect}")
         self._f.write(buf)
@@ -282,9 +283,9 @@ class Writer:
         p = self._plan[self._i]
         if key != p.key:
             raise RuntimeError(f"writer: expected '{p.key}' next, got '{key}'")
-        if not (dtype == p.dtype or (key in self._shrink and p.dtype == "F64" and dtype == "F32")):
+        if dtype != p.dtype:
             raise RuntimeError(f"writer: '{key}' planned {p.dtype}, got {dtype}")
-        expect = p.nbytes * itemsize(dtype) // itemsize(p.dtype)
+        expect = p.nbytes
         n = 0
         for t in parts:
             if NAMES.get(t.dtype) != dtype:
@@ -305,7 +306,7 @@ class Writer:
     def finish(self) -> None:
         if self._i != len(self._plan):
             raise RuntimeError(f"writer: {len(self._plan) - self._i} planned tensors were never written")
-        if self._meta_changed or any(a[1] != p.dtype for a, p in zip(self._actual, self._plan, strict=True)):
+        if self._meta_changed:
             blob = self._header(self._actual)
             if len(blob) > self._reserved:
                 raise RuntimeError("writer: final header outgrew its reserved space")
@@ -318,7 +319,7 @@ class Writer:
 
 @contextmanager
 def atomic_writer(path: str | os.PathLike, plan: list[Planned], metadata: dict[str, str] | None = None,
-                  shrink: frozenset[str] = frozenset(), reserve: int = 0) -> Iterator[Writer]:
+                  reserve: int = 0) -> Iterator[Writer]:
     """A :class:`Writer` on ``<dir>/.<name>.<pid>.partial``, renamed over ``path`` on success.
 
     Any exception (a Cancel from the UI included) removes the partial file, so an interrupted
@@ -329,7 +330,7 @@ def atomic_writer(path: str | os.PathLike, plan: list[Planned], metadata: dict[s
     with replacing(path, suffix=".partial") as tmp, open(tmp, "wb") as raw:
         f = AsyncFile(raw)
         try:
-            w = Writer(f, plan, metadata, shrink, reserve)
+            w = Writer(f, plan, metadata, reserve)
             yield w
             w.finish()
         finally:
@@ -376,12 +377,7 @@ class AppendWriter:
         return self._items[-1][1]
 
     def finish(self) -> None:
-        header: dict[str, object] = {"__metadata__": self._meta}
-        off = 0
-        for key, dtype, shape, nbytes in self._items:
-            header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + nbytes]}
-            off += nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob = _header(self._meta, self._items)
         if len(blob) > self._reserved:
             raise RuntimeError("writer: the sidecar header outgrew its reserved space")
         self._f.seek(8)
