@@ -176,6 +176,7 @@ class Result:
     note: str = ""
     red: bool = False
     seconds: float = 0.0
+    slowest: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         c = self.counts
@@ -186,19 +187,35 @@ class Result:
 
 # Per release: in-process nodes, the server's HTTP API, and the editor in headless Chromium.
 TIERS_2_3 = "comfy, e2e, browser"
-MARKERS_2_3 = "comfy or e2e or browser"
+# Two processes per release: the in-process ComfyUI of tier 2 holds its models (about 13 GB at the end)
+# until its process exits, and the servers of tier 3 and the browser tier need that memory.
+PHASES_2_3 = ("comfy", "e2e or browser")
+SLOWEST = 15  # tests named in the summary with their time, slowest first
 
 
-def _pytest(python: Path, marker: str, args: list[str], env: dict[str, str]) -> tuple[int, dict[str, int]]:
+def _pytest(python: Path, marker: str, args: list[str], env: dict[str, str],
+            times: list[tuple[float, str]] | None = None) -> tuple[int, dict[str, int]]:
     fd, xml = tempfile.mkstemp(prefix="compartments-junit-", suffix=".xml")
     os.close(fd)
     try:
         code = subprocess.call([str(python), "-m", "pytest", "-p", "no:cacheprovider", "-m", marker,
                                 f"--junitxml={xml}", *args], cwd=ROOT, env=env)
         counts = _junit_counts(Path(xml))
+        if times is not None:
+            times += _junit_times(Path(xml))
     finally:
         Path(xml).unlink(missing_ok=True)
     return code, counts
+
+
+def _junit_times(xml: Path) -> list[tuple[float, str]]:
+    """(seconds, test id) of every test case of a junit file (setup + call + teardown)."""
+    try:
+        root = ET.parse(xml).getroot()
+    except (ET.ParseError, OSError):
+        return []
+    return [(float(case.get("time", 0)), f"{case.get('classname', '')}::{case.get('name', '')}")
+            for case in root.iter("testcase")]
 
 
 def _junit_counts(xml: Path) -> dict[str, int]:
@@ -221,9 +238,10 @@ def test(args: list[str]) -> int:
         say(f"{BASE_VENV} is missing: run scripts/setup.sh first")
         return 2
     t0 = time.monotonic()
-    code, counts = _pytest(base_py, "unit", args, env)
-    results.append(Result("tier 1 (no ComfyUI)", "unit", counts, red=code not in (0, 5),
-                          seconds=time.monotonic() - t0))
+    times1: list[tuple[float, str]] = []
+    code, counts = _pytest(base_py, "unit", args, env, times1)
+    results.append(Result("tier 1 (no ComfyUI)", "unit", counts, red=code not in (0, 5), seconds=time.monotonic() - t0,
+                          slowest=[f"{t:.0f} s {name}" for t, name in sorted(times1, reverse=True)[:SLOWEST]]))
     for host in hosts():
         label = f"ComfyUI {host.version} ({host.name})"
         if host.problem:
@@ -246,9 +264,15 @@ def test(args: list[str]) -> int:
                 shutil.copytree(host.path, path, ignore=shutil.ignore_patterns(".git", "__pycache__"))
             say(f"{label}: tiers 2-3 in {host.venv} against {path}")
             t0 = time.monotonic()
-            code, counts = _pytest(host.python, MARKERS_2_3, args, dict(env, COMFYUI_PATH=str(path)))
-            results.append(Result(label, TIERS_2_3, counts, red=code not in (0, 5),
-                                  seconds=time.monotonic() - t0))
+            counts: dict[str, int] = {}
+            red = False
+            times: list[tuple[float, str]] = []
+            for marker in PHASES_2_3:
+                code, got = _pytest(host.python, marker, args, dict(env, COMFYUI_PATH=str(path)), times)
+                red |= code not in (0, 5)
+                counts = {k: counts.get(k, 0) + got.get(k, 0) for k in ("passed", "failed", "skipped")}
+            results.append(Result(label, TIERS_2_3, counts, red=red, seconds=time.monotonic() - t0,
+                                  slowest=[f"{t:.0f} s {name}" for t, name in sorted(times, reverse=True)[:SLOWEST]]))
         finally:
             if copy is not None:
                 shutil.rmtree(copy, ignore_errors=True)
@@ -266,6 +290,9 @@ def _summary(results: list[Result], seconds: float) -> int:
     print("\n===== compartments: tests per ComfyUI release =====")
     for r in results:
         print(r.line() + (f"  ({r.seconds:.0f} s)" if r.seconds else ""))
+    for r in results:  # where the time goes (CI has a 30-minute budget)
+        if r.slowest:
+            print(f"slowest in {r.label}: " + "; ".join(r.slowest[:8]))
     red = [r.label for r in results if r.red or r.counts.get("failed")]
     total = {k: sum(r.counts.get(k, 0) for r in results) for k in ("passed", "failed", "skipped")}
     if not total["passed"] + total["failed"]:
