@@ -114,6 +114,7 @@ def load_coco(captions_path: Path, instances_path: Path, max_images: int) -> tup
 
 def run_method(vlm, pil_images: list, prompt: str, settings: M3IDSettings, chunk: int,
                repeats: int, fused: bool) -> tuple[list[CaptionResult], float]:
+    """Best-of-``repeats`` wall time (after a warm-up); ``fused`` is ignored where the family cannot fuse."""
     caption_images(vlm, pil_images[:1], prompt, settings, chunk_size=1, fused=fused)  # warm-up
     best = float("inf")
     results: list[CaptionResult] = []
@@ -130,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--captions", help="COCO captions JSON")
     p.add_argument("--instances", help="COCO instances JSON")
     p.add_argument("--images", help="image folder")
-    p.add_argument("--quick", action="store_true", help="tiny random LLaVA + tiny synthetic set")
-    p.add_argument("--quick-model", default="llava", choices=["llava", "llava_small"],
-                   help="with --quick: llava (32-wide, overhead-bound) or llava_small (256-wide, compute-bound)")
+    p.add_argument("--quick", action="store_true", help="tiny random VLMs + tiny synthetic set")
+    p.add_argument("--quick-model", nargs="+", default=["llava"], metavar="FAMILY",
+                   help="with --quick, one or more tiny models: any tested family (32-wide, overhead-bound), "
+                        "qwen2_5_vl_small (128-wide) or llava_small (256-wide, compute-bound)")
     p.add_argument("--max-images", type=int, default=500)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt", default="Describe this image in detail.")
@@ -140,12 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha", type=float, default=0.3)
     p.add_argument("--weight-cap", type=float, default=10.0)
     p.add_argument("--chunk", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, help="best of this many timed runs (default 1; 3 with --quick)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = p.parse_args(argv)
-
-    from PIL import Image
 
     note = None
     if args.quick:
@@ -153,18 +153,29 @@ def main(argv: list[str] | None = None) -> int:
 
         root = Path(tempfile.mkdtemp(prefix="m3id-bench-"))
         cap_path, inst_path, img_dir = tiny.coco_set(root, n=6)
-        folder = tiny.vlm(args.quick_model)
+        folders = [tiny.vlm(name) for name in args.quick_model]
         args.max_tokens = min(args.max_tokens, 32)
-        args.repeats = max(args.repeats, 3)
+        args.repeats = args.repeats or 3
         note = QUICK_NOTE
     else:
         if not all([args.vlm, args.captions, args.instances, args.images]):
             p.error("give --vlm, --captions, --instances and --images (or --quick)")
-        folder, cap_path, inst_path, img_dir = Path(args.vlm), args.captions, args.instances, Path(args.images)
+        folders, cap_path, inst_path, img_dir = [Path(args.vlm)], args.captions, args.instances, Path(args.images)
+        args.repeats = args.repeats or 1
+    for folder in folders:
+        bench(args, Path(folder), Path(cap_path), Path(inst_path), Path(img_dir), note)
+    return 0
 
-    images, truth, vocab = load_coco(Path(cap_path), Path(inst_path), args.max_images)
-    pil = [Image.open(Path(img_dir) / im["file_name"]).convert("RGB") for im in images]
+
+def bench(args: argparse.Namespace, folder: Path, cap_path: Path, inst_path: Path, img_dir: Path,
+          note: str | None) -> None:
+    """Every figure for one model folder (one JSON line each)."""
+    from PIL import Image
+
+    images, truth, vocab = load_coco(cap_path, inst_path, args.max_images)
+    pil = [Image.open(img_dir / im["file_name"]).convert("RGB") for im in images]
     vlm = load_vlm(folder, dtype=getattr(torch, args.dtype), device=args.device)
+    params = sum(p.numel() for p in vlm.model.parameters())
     common = dict(max_new_tokens=args.max_tokens, greedy=True)
     m3id = M3IDSettings(lam=args.lam, alpha=args.alpha, weight_cap=args.weight_cap, pdm=False, **common)
     methods = {  # name -> (settings, both branches in one batch)
@@ -172,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         "m3id": (m3id, True),
         "m3id_separate_branch": (m3id, False),
     }
-    base = {"benchmark": "m3id", "model": Path(folder).name, "images": len(pil), "device": args.device,
+    base = {"benchmark": "m3id", "model": folder.name, "family": vlm.family, "parameters": params,
+            "images": len(pil), "device": args.device,
             "dtype": args.dtype, "max_tokens": args.max_tokens, "lambda": args.lam, "alpha": args.alpha}
     if note:
         base["note"] = note
@@ -199,7 +211,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("m3id", "m3id_separate_branch"):
         ratio = per_token[name] / per_token["greedy"]
         emit(name, "time_per_token_vs_greedy", round(ratio, 3), "x", target=target, meets_target=ratio <= target)
-    return 0
 
 
 if __name__ == "__main__":

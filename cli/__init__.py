@@ -28,7 +28,7 @@ from .client import ComfyClient, ComfyError, ComfyServer, comfyui_version, find_
 
 PACK = Path(__file__).resolve().parent.parent
 WORKFLOWS = PACK / "workflows"
-COMMANDS = ("soup", "retrieval", "temporal", "validation", "node_docs", "templates")
+COMMANDS = ("soup", "retrieval", "temporal", "validation", "vlm", "node_docs", "templates")
 
 
 def _fail(msg: str, code: int = 2) -> int:

@@ -111,6 +111,18 @@ def resolve_dir(name: str, sub: str, input_name: str) -> str:
                    f"put it in {folder_dirs(name)[0]} and refresh the page.")
 
 
+def io_subfolder(kind: str, sub: str, input_name: str, must_exist: bool = True) -> str:
+    """A folder under ComfyUI's ``input`` or ``output`` directory (``kind``), never outside it."""
+    check_name(sub, input_name)
+    base = os.path.realpath(folder_paths.get_input_directory() if kind == "input"
+                            else folder_paths.get_output_directory())
+    cand = os.path.realpath(os.path.join(base, sub.strip()))
+    if os.path.commonpath([cand, base]) != base or cand == base or (must_exist and not os.path.isdir(cand)):
+        raise BadInput(input_name, f"'{sub}' is not a folder under ComfyUI's {kind} directory.",
+                       f"give a folder inside {base}, e.g. 'datasets/my_lora'.")
+    return cand
+
+
 def resolve_file(name: str, filename: str, input_name: str) -> str:
     """Absolute path of a model file; folder_paths already refuses paths that escape the folder."""
     check_name(filename, input_name)

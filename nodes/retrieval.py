@@ -117,12 +117,7 @@ def _input_folders() -> list[str]:
 
 
 def _input_folder(name: str) -> Path:
-    base = os.path.realpath(folder_paths.get_input_directory())
-    cand = os.path.realpath(os.path.join(base, name))
-    if os.path.commonpath([cand, base]) != base or cand == base or not os.path.isdir(cand):
-        raise _host.BadInput("folder", f"'{name}' is not a folder under ComfyUI's input directory.",
-                             f"put the images in a folder inside {base} and refresh.")
-    return Path(cand)
+    return Path(_host.io_subfolder("input", name, "folder"))
 
 
 def _folder_signature(folder: Path) -> list:

@@ -32,6 +32,7 @@ greedily and the global RNG is never touched.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 
 Progress = Callable[[int, int], None] | None
+TOKEN_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")  # per-token inputs that continue into generated tokens
 
 
 @dataclass
@@ -97,9 +99,13 @@ class ImageFreeBranch:
     model (Qwen2-VL's ``rope_deltas``) are not disturbed by this second sequence.
     """
 
-    def __init__(self, model: Any, inputs: dict[str, torch.Tensor]):
+    def __init__(self, model: Any, inputs: dict[str, torch.Tensor], generated_type: int = 0):
         self.model = model
         self.inputs = inputs
+        self.generated_type = generated_type  # token type of generated tokens (PaliGemma: 1, the suffix)
+        # transformers 5 renames forward's ``past_key_values`` to ``cache`` (the old name goes in 5.40)
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.cache: Any = None
         self.length = 0
         self.logits_trace: list[torch.Tensor] = []
@@ -112,13 +118,13 @@ class ImageFreeBranch:
             extra = {k: v for k, v in self.inputs.items() if k != "input_ids"}
         else:
             ids = new_tokens.reshape(-1, 1)
-            extra = {k: torch.ones_like(ids) for k in self.inputs if k == "token_type_ids"}
+            extra = {k: torch.full_like(ids, self.generated_type) for k in self.inputs if k in TOKEN_TYPE_KEYS}
         device = self.model.device
         ids = ids.to(device)
         pos = torch.arange(self.length, self.length + ids.shape[1], device=device).expand(ids.shape[0], -1)
-        out = self.model(input_ids=ids, position_ids=pos, past_key_values=self.cache, use_cache=True,
-                         logits_to_keep=1, **{k: v.to(device) for k, v in extra.items()})
-        self.cache = out.past_key_values
+        out = self.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **{self.cache_arg: self.cache}, **{k: v.to(device) for k, v in extra.items()})
+        self.cache = out["cache"] if "cache" in out else out.past_key_values
         self.length += ids.shape[1]
         logits = out.logits[:, -1, :].float()
         self.logits_trace.append(logits)
@@ -132,10 +138,10 @@ class M3IDProcessor:
     """
 
     def __init__(self, model: Any, uncond_inputs: dict[str, torch.Tensor] | None, settings: M3IDSettings,
-                 fused_rows: int = 0):
+                 fused_rows: int = 0, generated_type: int = 0):
         self.settings = settings
         self.fused_rows = fused_rows  # > 0: the last ``fused_rows`` rows of the batch are the image-free branch
-        self.branch = ImageFreeBranch(model, uncond_inputs) if uncond_inputs is not None and not fused_rows else None
+        self.branch = ImageFreeBranch(model, uncond_inputs, generated_type) if uncond_inputs is not None and not fused_rows else None
         self.t = 0
         self.pdm: list[torch.Tensor] = []
         self.gated: list[torch.Tensor] = []
@@ -241,11 +247,13 @@ def fuse_inputs(cond: dict[str, torch.Tensor], uncond: dict[str, torch.Tensor],
 def generate_m3id(model: Any, cond_inputs: dict[str, torch.Tensor], uncond_inputs: dict[str, torch.Tensor] | None,
                   settings: M3IDSettings, eos_token_ids: list[int], pad_token_id: int,
                   progress: Progress = None, progress_offset: int = 0,
-                  progress_total: int | None = None, fused: bool = True) -> tuple[torch.Tensor, M3IDProcessor]:
+                  progress_total: int | None = None, fused: bool = True,
+                  generated_type: int = 0) -> tuple[torch.Tensor, M3IDProcessor]:
     """Run M3ID for a batch; returns (new token ids (batch, <= max_new_tokens), the processor).
 
     ``uncond_inputs=None`` skips the image-free branch: plain greedy/sampled decoding
     through the same code path. ``fused`` runs both branches in one batch (see module doc).
+    ``generated_type`` is the token type the separate image-free branch gives generated tokens.
     """
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
@@ -254,7 +262,8 @@ def generate_m3id(model: Any, cond_inputs: dict[str, torch.Tensor], uncond_input
     fused = fused and uncond_inputs is not None
     if fused:
         cond_inputs = fuse_inputs(cond_inputs, uncond_inputs, pad_token_id)
-    proc = M3IDProcessor(model, uncond_inputs, settings, fused_rows=batch if fused else 0)
+    proc = M3IDProcessor(model, uncond_inputs, settings, fused_rows=batch if fused else 0,
+                         generated_type=generated_type)
     gen_cfg = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1,
                                eos_token_id=eos_token_ids or None, pad_token_id=pad_token_id,
                                repetition_penalty=1.0, no_repeat_ngram_size=0)

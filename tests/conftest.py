@@ -181,6 +181,7 @@ UNBUILDABLE_WORKFLOWS = {
 #: tier proves the prompt it queues is exactly the API file's, then cancels it mid-run (which must leave
 #: nothing behind), instead of running it a second time.
 FINISHED_IN_EDITOR = {"soup_three_shards", "cpr_retrieve_kl", "retrieval_build_retrieve", "m3id_caption_batch",
+                      "m3id_caption_folder",
                       "temporal_own_layers_video"}
 
 

@@ -40,7 +40,9 @@ SPECIALS = [
     "<unk>", "<pad>", "<s>", "</s>", "<bos>", "<eos>", "<image>", "<|im_start|>", "<|im_end|>",
     "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|endoftext|>",
 ]
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "paligemma")
+# every family with a tiny builder (= vlm.models.TESTED)
+FAMILIES = ("llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5", "gemma3",
+            "gemma4", "glm4v", "smolvlm", "idefics3", "internvl", "mistral3", "mllama", "paligemma")
 
 LLAVA_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
@@ -56,22 +58,25 @@ QWEN_TEMPLATE = (
 )
 
 
-def vocab() -> dict[str, int]:
-    words = SPECIALS + WORDS + COCO_OBJECTS
+def vocab(extra: tuple[str, ...] = ()) -> dict[str, int]:
+    """The shared word list; ``extra`` (a family's own special tokens) goes at the end, so the
+    families built before it keep their ids (and their cached folders)."""
+    words = SPECIALS + WORDS + COCO_OBJECTS + [w for w in extra if w not in SPECIALS]
     return {w: i for i, w in enumerate(words)}
 
 
-def build_tokenizer(bos: str, eos: str, pad: str = "<pad>"):
-    """A word-level fast tokenizer built locally (no download), with the specials added."""
+def build_tokenizer(bos: str, eos: str, pad: str = "<pad>", extra: tuple[str, ...] = ()):
+    """A word-level fast tokenizer built locally (no download), with the specials (and ``extra``) added."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(vocab=vocab(), unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel(vocab=vocab(extra), unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.decoder = decoders.WordPiece(prefix="##")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad,
                                    unk_token="<unk>")
-    fast.add_special_tokens({"additional_special_tokens": [s for s in SPECIALS if s not in {bos, eos, pad, "<unk>"}]})
+    specials = [s for s in SPECIALS + [w for w in extra if w not in SPECIALS] if s not in {bos, eos, pad, "<unk>"}]
+    fast.add_special_tokens({"additional_special_tokens": specials})
     return fast
 
 
@@ -153,15 +158,15 @@ def _build_llava_next(path: Path, seed: int) -> None:
     _save(model, proc, path, seed)
 
 
-def _build_qwen(path: Path, seed: int, v25: bool) -> None:
+def _build_qwen(path: Path, seed: int, v25: bool, width: int = 32, layers: int = 2) -> None:
     import torch
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
     tok = build_tokenizer("<|endoftext|>", "<|im_end|>")
     v = vocab()
-    text = dict(vocab_size=len(v), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    text = dict(vocab_size=len(v), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]},
+                rope_scaling={"type": "mrope", "mrope_section": [width // 16, width // 32, width // 32]},
                 eos_token_id=v["<|im_end|>"], pad_token_id=v["<pad>"], bos_token_id=v["<|endoftext|>"])
     ids = dict(image_token_id=v["<|image_pad|>"], video_token_id=v["<|video_pad|>"],
                vision_start_token_id=v["<|vision_start|>"], vision_end_token_id=v["<|vision_end|>"])
@@ -245,9 +250,14 @@ _BUILDERS = {
     "llava_next": _build_llava_next,
     "qwen2_vl": lambda p, s: _build_qwen(p, s, v25=False),
     "qwen2_5_vl": lambda p, s: _build_qwen(p, s, v25=True),
+    # a mid-sized Qwen2.5-VL text model (128 wide, 4 layers) for the benchmark's size spread
+    "qwen2_5_vl_small": lambda p, s: _build_qwen(p, s, v25=True, width=128, layers=4),
     "paligemma": _build_paligemma,
     "text_only": _build_text_only,
 }
+from .m3id_families import BUILDERS as _NEWER  # noqa: E402 - they use the helpers above
+
+_BUILDERS.update(_NEWER)
 
 
 def vlm(family: str = "llava", seed: int = 0) -> Path:
@@ -295,24 +305,39 @@ def coco_set(root: Path, n: int = 4, seed: int = 0) -> tuple[Path, Path, Path]:
     return captions, instances, img_dir
 
 
-def prepare(models_dir: Path, input_dir: Path) -> dict:
-    """Place the tiny LLaVA (fastest tiny build) under models/vlm and three input images."""
+# the shipped workflows' model folders under models/vlm -> tiny family
+PLACED = {"m3id-tiny-llava": "llava", "m3id-tiny-qwen3-vl": "qwen3_vl", "m3id-tiny-gemma3": "gemma3"}
+DATASET = "m3id-dataset"  # input/<DATASET>: a small captioning folder (one image in a subfolder)
+
+
+def _place_copy(src: Path, folder: Path) -> None:
     # copied, not linked: _host.resolve_dir refuses folders whose real path leaves models/vlm
-    folder = Path(models_dir) / "vlm" / "m3id-tiny-llava"
-    if not folder.exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(vlm("llava"), tmp)
-        os.replace(tmp, folder)
+    if folder.exists():
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    os.replace(tmp, folder)
+
+
+def _place_image(target: Path, seed: int) -> None:
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp.png")
+        image(seed).save(tmp)
+        tmp.replace(target)
+
+
+def prepare(models_dir: Path, input_dir: Path) -> dict:
+    """Place the workflows' tiny VLMs under models/vlm, three input images and a dataset folder."""
+    for name, family in PLACED.items():
+        _place_copy(vlm(family), Path(models_dir) / "vlm" / name)
     input_dir = Path(input_dir)
-    input_dir.mkdir(parents=True, exist_ok=True)
     placed = []
     for i in range(3):
-        target = input_dir / f"m3id-example-{i}.png"
-        if not target.exists():
-            tmp = target.with_suffix(".tmp.png")
-            image(1000 + i).save(tmp)
-            tmp.replace(target)
-        placed.append(target.name)
-    return {"vlm": folder.name, "images": placed}
+        _place_image(input_dir / f"m3id-example-{i}.png", 1000 + i)
+        placed.append(f"m3id-example-{i}.png")
+    for rel, seed in (("a.png", 1100), ("b.png", 1101), ("c.png", 1102), ("more/d.png", 1103)):
+        _place_image(input_dir / DATASET / rel, seed)
+    return {"vlm": "m3id-tiny-llava", "vlms": sorted(PLACED), "images": placed, "dataset": DATASET}

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..samplers.m3id import CaptionResult, M3IDSettings, Progress, generate_m3id, split_results
-from .models import build_inputs
+from .models import PromptError, build_inputs, check_prompt
 
 
 def caption_images(vlm: Any, images: list, prompt: str, settings: M3IDSettings, chunk_size: int = 4,
@@ -25,6 +25,8 @@ def caption_images(vlm: Any, images: list, prompt: str, settings: M3IDSettings, 
     if not prompt or not prompt.strip():
         raise ValueError("prompt is empty; write what the caption should answer, e.g. 'Describe this image.'")
     settings.validate()
+    check_prompt(vlm, prompt, settings.max_new_tokens)
+    fatal = (*fatal, PromptError)
     results: list[CaptionResult | None] = [None] * len(images)
     total = len(images) * settings.max_new_tokens
     need_branch = settings.contrast or settings.pdm
@@ -32,7 +34,8 @@ def caption_images(vlm: Any, images: list, prompt: str, settings: M3IDSettings, 
     def run(idx: list[int]) -> None:
         cond, uncond = build_inputs(vlm, [images[i] for i in idx], prompt)
         new, proc = generate_m3id(vlm.model, cond, uncond if need_branch else None, settings, vlm.eos_token_ids,
-                                  vlm.pad_token_id, progress, idx[0] * settings.max_new_tokens, total, fused=fused)
+                                  vlm.pad_token_id, progress, idx[0] * settings.max_new_tokens, total,
+                                  fused=fused and vlm.quirk.fused, generated_type=vlm.quirk.generated_type)
         for i, res in zip(idx, split_results(new, proc, vlm.tokenizer, vlm.eos_token_ids), strict=True):
             results[i] = res
 

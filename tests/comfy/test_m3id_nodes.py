@@ -89,3 +89,60 @@ def test_interrupt_stops_captioning(comfy, vlm):
                       weight_cap=10.0)
     finally:
         mm.interrupt_current_processing(False)
+
+
+def _folder_kw(vlm, **kw):
+    base = dict(vlm=vlm, folder="datasets/tiny", prompt="Describe this image.", method="M3ID", prefix="ohwx, ",
+                output_folder="", recursive=True, overwrite=False, max_tokens=4, decoding="greedy", seed=0,
+                chunk_size=2, lambda_=0.02, alpha=0.3)
+    base.update(kw)
+    return base
+
+
+def test_caption_folder_writes_txt_resumes_and_reports(comfy, vlm):
+    from compartments.tiny import m3id as tiny
+
+    ds = comfy.input_dir / "datasets" / "tiny"
+    (ds / "sub").mkdir(parents=True, exist_ok=True)
+    for i in range(3):
+        tiny.image(20 + i).save(ds / f"{i}.png")
+    tiny.image(30).save(ds / "sub" / "deep.png")
+    (ds / "bad.png").write_bytes(b"not a png")
+    report, captions = comfy.run("CompartmentsM3IDCaptionFolder", **_folder_kw(vlm))
+    data = json.loads(report)
+    assert data["n_captioned"] == 4 and list(data["failed"]) == ["bad.png"]
+    assert len(captions) == 4 and all(c.startswith("ohwx, ") for c in captions)
+    assert (ds / "sub" / "deep.txt").read_text().startswith("ohwx, ")
+    records = [json.loads(line) for line in (ds / "captions.jsonl").read_text().splitlines()]
+    assert {r["image"] for r in records} == {"0.png", "1.png", "2.png", "sub/deep.png", "bad.png"}
+    again, _ = comfy.run("CompartmentsM3IDCaptionFolder", **_folder_kw(vlm))
+    assert json.loads(again)["n_skipped"] == 4 and json.loads(again)["n_captioned"] == 0
+    out, caps = comfy.run("CompartmentsM3IDCaptionFolder", **_folder_kw(vlm, output_folder="captions/tiny",
+                                                                         method="plain"))
+    assert (comfy.output_dir / "captions" / "tiny" / "sub" / "deep.txt").exists()
+    assert json.loads(out)["n_captioned"] == 4
+
+
+@pytest.mark.parametrize("field,value,expect", [
+    ("folder", "../../etc", "'folder'"), ("folder", "no/such/folder", "'folder'"),
+    ("output_folder", "../escape", "'output_folder'"), ("prompt", " ", "'prompt'"),
+])
+def test_caption_folder_bad_inputs_name_the_input(comfy, vlm, field, value, expect):
+    (comfy.input_dir / "datasets" / "tiny").mkdir(parents=True, exist_ok=True)
+    from compartments.tiny import m3id as tiny
+
+    tiny.image(40).save(comfy.input_dir / "datasets" / "tiny" / "x.png")
+    with pytest.raises(ValueError, match=expect):
+        comfy.run("CompartmentsM3IDCaptionFolder", **_folder_kw(vlm, overwrite=True, **{field: value}))
+
+
+def test_unload_after_frees_the_model_and_the_next_run_reloads(comfy, vlm):
+    import comfy.model_management as mm
+
+    kw = dict(vlm=vlm, images=_images(1), prompt="Describe this image.", max_tokens=4, decoding="greedy", seed=0,
+              chunk_size=1, lambda_=0.02, alpha=0.3, weight_cap=10.0)
+    first, _, _ = comfy.run("CompartmentsM3IDCaption", **kw, unload_after=True)
+    assert vlm.vlm is None and vlm.patcher is None
+    assert not any(getattr(lm.model, "model", None).__class__.__name__ == "_Holder" for lm in mm.current_loaded_models)
+    second, _, _ = comfy.run("CompartmentsM3IDCaption", **kw)  # the cached handle reads the folder again
+    assert second == first and vlm.vlm is not None

@@ -46,3 +46,16 @@ def test_pdm_report_and_plot():
     img = pdm_plot(r[0])
     assert img.shape == (192, 384, 3) and 0.0 <= img.min() and img.max() <= 1.0
     assert (img < 0.5).any()  # something was drawn
+
+
+def test_harness_runs_on_several_families(capsys):
+    """The CHAIR harness takes any supported family (here a LLaVA and the cross-attention mllama)."""
+    assert bench.main(["--quick", "--quick-model", "llava", "mllama", "--max-images", "2", "--max-tokens", "4",
+                       "--repeats", "1"]) == 0
+    import json
+
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    ratios = {ln["family"]: ln["value"] for ln in lines
+              if ln["figure"] == "time_per_token_vs_greedy" and ln["method"] == "m3id"}
+    assert set(ratios) == {"llava", "mllama"} and all(r > 0 for r in ratios.values())
+    assert all(ln["value"] == 0 for ln in lines if ln["figure"] == "errors")

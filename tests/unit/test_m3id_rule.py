@@ -53,8 +53,39 @@ def test_unsupported_folders_are_named(tmp_path):
     with pytest.raises(mm.VLMFolderError, match="image-free branch"):
         mm.detect_family(tmp_path)
     (tmp_path / "config.json").write_text('{"model_type": "blip", "vision_config": {}}')
-    with pytest.raises(mm.VLMFolderError, match="does not support"):
+    with pytest.raises(mm.VLMFolderError, match="image-free language model"):
         mm.detect_family(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "made_up_vlm", "vision_config": {}}')
+    with pytest.raises(mm.VLMFolderError, match="vlm-families"):
+        mm.detect_family(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2_vl", "text_config": {}}')
+    with pytest.raises(mm.VLMFolderError, match="no .safetensors"):
+        mm.detect_family(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "some_t5_vlm", "is_encoder_decoder": true}')
+    with pytest.raises(mm.VLMFolderError, match="encoder-decoder"):
+        mm.detect_family(tmp_path)
+
+
+def test_families_lists_every_image_text_type_but_the_refused(capsys):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as known
+
+    from compartments.cli import main
+
+    assert main(["vlm-families"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = dict(line.split("\t") for line in lines)
+    assert set(rows) == set(known) - set(mm.REFUSED) and set(rows.values()) <= {"tested", "untested"}
+    assert {k for k, v in rows.items() if v == "tested"} == set(mm.TESTED)
+    assert lines == sorted(lines)
+
+
+def test_a_prompt_longer_than_the_context_is_refused_up_front():
+    vlm = mm.load_vlm(tiny.vlm("llava"))
+    long = " ".join(["cat"] * (vlm.context_length + 1))
+    with pytest.raises(mm.PromptError, match="context is 512 tokens"):
+        caption_images(vlm, [tiny.image(1)], long, M.M3IDSettings(max_new_tokens=4))
+    with pytest.raises(mm.PromptError, match="max_tokens"):  # the prompt fits, the caption would not
+        caption_images(vlm, [tiny.image(1)], "a cat", M.M3IDSettings(max_new_tokens=600))
 
 
 def test_batch_driver_keeps_good_captions_when_one_fails():
