@@ -162,14 +162,15 @@ def main(argv: list[str] | None = None) -> int:
             p.error("give --vlm, --captions, --instances and --images (or --quick)")
         folders, cap_path, inst_path, img_dir = [Path(args.vlm)], args.captions, args.instances, Path(args.images)
         args.repeats = args.repeats or 1
+    failed = 0
     for folder in folders:
-        bench(args, Path(folder), Path(cap_path), Path(inst_path), Path(img_dir), note)
-    return 0
+        failed += bench(args, Path(folder), Path(cap_path), Path(inst_path), Path(img_dir), note)
+    return 1 if failed else 0
 
 
 def bench(args: argparse.Namespace, folder: Path, cap_path: Path, inst_path: Path, img_dir: Path,
-          note: str | None) -> None:
-    """Every figure for one model folder (one JSON line each)."""
+          note: str | None) -> int:
+    """Every figure for one model folder (one JSON line each); returns the number of failed captions."""
     from PIL import Image
 
     images, truth, vocab = load_coco(cap_path, inst_path, args.max_images)
@@ -189,6 +190,7 @@ def bench(args: argparse.Namespace, folder: Path, cap_path: Path, inst_path: Pat
     if note:
         base["note"] = note
     per_token: dict[str, float] = {}
+    failed = 0
 
     def emit(method: str, figure: str, value: float, unit: str, **extra) -> None:
         print(json.dumps({**base, "method": method, "figure": figure, "value": value, "unit": unit, **extra}))
@@ -206,11 +208,16 @@ def bench(args: argparse.Namespace, folder: Path, cap_path: Path, inst_path: Pat
              "words")
         emit(name, "tokens_per_second", round(tokens / seconds, 2), "tokens/s", tokens=tokens,
              seconds=round(seconds, 3))
-        emit(name, "errors", sum(r.error is not None for r in results), "captions")
+        errors = [r.error for r in results if r.error is not None]
+        emit(name, "errors", len(errors), "captions")
+        if errors:  # a ratio over failed captions means nothing: say why, loudly
+            print(f"{folder.name} {name}: {len(errors)} captions failed, e.g. {errors[0]}", file=sys.stderr)
+            failed += len(errors)
     target = 1.3 if str(args.device).startswith("cuda") else 2.1
     for name in ("m3id", "m3id_separate_branch"):
         ratio = per_token[name] / per_token["greedy"]
         emit(name, "time_per_token_vs_greedy", round(ratio, 3), "x", target=target, meets_target=ratio <= target)
+    return failed
 
 
 if __name__ == "__main__":

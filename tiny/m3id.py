@@ -172,14 +172,14 @@ def _build_qwen(path: Path, seed: int, v25: bool, width: int = 32, layers: int =
                vision_start_token_id=v["<|vision_start|>"], vision_end_token_id=v["<|vision_end|>"])
     if v25:
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=width,
                       patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                       fullatt_block_indexes=[1])
         cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
         cls = Qwen2_5_VLForConditionalGeneration
     else:
         from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-        vision = dict(depth=2, embed_dim=32, hidden_size=32, mlp_ratio=2, num_heads=4, patch_size=14,
+        vision = dict(depth=2, embed_dim=32, hidden_size=width, mlp_ratio=2, num_heads=4, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2)
         cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
         cls = Qwen2VLForConditionalGeneration
