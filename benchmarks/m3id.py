@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = p.parse_args(argv)
 
-    note = None
+    note, root = None, None
     if args.quick:
         from compartments.tiny import m3id as tiny
 
@@ -163,8 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         folders, cap_path, inst_path, img_dir = [Path(args.vlm)], args.captions, args.instances, Path(args.images)
         args.repeats = args.repeats or 1
     failed = 0
-    for folder in folders:
-        failed += bench(args, Path(folder), Path(cap_path), Path(inst_path), Path(img_dir), note)
+    try:
+        for folder in folders:
+            failed += bench(args, Path(folder), Path(cap_path), Path(inst_path), Path(img_dir), note)
+    finally:
+        if root is not None:  # the generated COCO-style set
+            shutil.rmtree(root, ignore_errors=True)
     return 1 if failed else 0
 
 
