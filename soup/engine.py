@@ -214,12 +214,10 @@ def read_sums(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def content_id(path: str | os.PathLike, components: str = "unet") -> str:
     """The member id: sha256 over the tensors that would be souped (sorted key order); cached
     per file version (``idcache``)."""
-    what = f"member:{components}"
-    version = idcache.version_of(path)
-    known = idcache.lookup(path, what)
-    if known:
-        return known
-    h = hashlib.sha256()
+    cid = idcache.CachedId(path, f"member:{components}")
+    if cid.known:
+        return cid.known
+    h = cid.hasher
     with Reader(path) as r:
         lay = layout_of(r.entries, r.path.name, components)
         for k in sorted(r.entries):
@@ -227,8 +225,8 @@ def content_id(path: str | os.PathLike, components: str = "unet") -> str:
             if souped(k, e.dtype, lay):
                 hash_header(h, lay.canonical(k), e.dtype, e.shape)  # as the pipeline hashes members while streaming
                 h.update(r.raw(k))
-    idcache.store(path, what, h.hexdigest(), version)
-    return h.hexdigest()
+    cid.remember()
+    return cid.digest()
 
 
 # --- the merge method -------------------------------------------------------------------
@@ -400,14 +398,10 @@ def build_soup(shards: Sequence[Shard | str | os.PathLike], out: str | os.PathLi
                              static=fp16_static(weights, member_dtypes),
                              acc_dtype=torch.float64 if keep_sum else torch.float32)
         # member ids: from the id cache when this file version was hashed before, else while streaming
-        what = f"member:{components}"
-        versions = [idcache.version_of(s.path) for s in items]
-        known = [idcache.lookup(s.path, what) for s in items]
-        hashes = [None if k else hashlib.sha256() for k in known]
-        base_what = f"base:{components}"
-        base_version = idcache.version_of(base_path)
-        base_known = idcache.lookup(base_path, base_what)
-        base_hash = None if base_known else hashlib.sha256()
+        member_ids = [idcache.CachedId(s.path, f"member:{components}") for s in items]
+        hashes = [c.hasher for c in member_ids]
+        base_id = idcache.CachedId(base_path, f"base:{components}")
+        base_hash = base_id.hasher
         outputs = [_souped(k, (tuple(Source(r, n[k], h, base_lay.canonical(k))
                                      for r, n, h in zip(readers, names, hashes, strict=True)),),
                            OUT_DTYPES[dtype] or base_r.entries[k].dtype, base_r.entries[k].shape)
@@ -420,9 +414,8 @@ def build_soup(shards: Sequence[Shard | str | os.PathLike], out: str | os.PathLi
         side = _side(Path(out), uid, method.total, sorted(sk)) if keep_sum else None
 
         def seal(side_bytes: int | None) -> dict[str, str]:
-            ids = [k or h.hexdigest() for k, h in zip(known, hashes, strict=True)]
-            manifest.members = [Member(i, s.path.name, s.weight) for i, s in zip(ids, items, strict=True)]
-            manifest.base["id"] = base_known or base_hash.hexdigest()
+            manifest.members = [Member(c.digest(), s.path.name, s.weight) for c, s in zip(member_ids, items, strict=True)]
+            manifest.base["id"] = base_id.digest()
             manifest.exact = bool(method.exact)
             manifest.history.append({"op": "build", "n": len(items), "time": time.time()})
             if side is not None:
@@ -430,11 +423,8 @@ def build_soup(shards: Sequence[Shard | str | os.PathLike], out: str | os.PathLi
             return _meta(base_r, manifest)
 
         stream(out, Plan(outputs, _meta(base_r, manifest), reserve, side), method, seal, progress)
-        for s, v, h in zip(items, versions, hashes, strict=True):
-            if h is not None:
-                idcache.store(s.path, what, h.hexdigest(), v)
-        if base_hash is not None:
-            idcache.store(base_path, base_what, base_hash.hexdigest(), base_version)
+        for c in (*member_ids, base_id):
+            c.remember()
     _drop_stale_sidecars(Path(out), manifest)
     return manifest
 
@@ -548,9 +538,8 @@ class _Update:
         self.names = {k: shard_lay.key(self.lay.relative(k)) for k in self.sk}  # the shard's name for each key
         self.shard_dtypes = {self.hr.entries[self.names[k]].dtype for k in self.sk}
         self.what = f"member:{self.man.components}"
-        self.version = idcache.version_of(self.shard)
-        self.known = idcache.lookup(self.shard, self.what)
-        self.digest = None if self.known else hashlib.sha256()
+        self.shard_id = idcache.CachedId(self.shard, self.what)
+        self.digest = self.shard_id.hasher
         self.side, self.side_total, self.side_guard = (
             _open_sidecar(self.man, self.soup, self.sk, opened) if self.man.exact_data else (None, 0.0, 0))
 
@@ -600,14 +589,13 @@ class _Update:
                 raise SoupError(f"the exact-sum data {Path(self.side.path).name} of {self.soup.name} does not match "
                                 "its manifest (sha256): it was changed or belongs to another soup. Nothing was "
                                 "written; rebuild the soup from its members.")
-            edit(new_man, self.known or self.digest.hexdigest())
+            edit(new_man, self.shard_id.digest())
             new_man.exact = bool(method.exact)
             new_man.exact_data = _exact_data(out_side, uid, side_bytes) if out_side else None
             return _meta(sr, new_man)
 
         stream(self.out, Plan(outputs, _meta(sr, new_man), reserve, out_side), method, seal, progress)
-        if self.digest is not None:
-            idcache.store(self.shard, self.what, self.digest.hexdigest(), self.version)
+        self.shard_id.remember()
         _drop_stale_sidecars(self.out, new_man)
         return new_man
 

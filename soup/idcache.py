@@ -14,6 +14,7 @@ Where: ``$COMPARTMENTS_ID_CACHE`` if set, else ``$XDG_CACHE_HOME/compartments/me
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -92,3 +93,24 @@ def store(path: str | os.PathLike, what: str, digest: str, version: list[int] | 
 def version_of(path: str | os.PathLike) -> list[int] | None:
     """The file version an id would be stored under (stat it before reading the bytes)."""
     return _version(path)
+
+
+class CachedId:
+    """One file's id under ``what`` for one read: the cached id, or a sha256 to feed while reading.
+
+    The file is stat'ed first (the version the id is stored under), then looked up; after the
+    read, :meth:`remember` stores a computed id unless the file changed meanwhile.
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str) -> None:
+        self.path, self.what = path, what
+        self.version = version_of(path)
+        self.known = lookup(path, what)
+        self.hasher = None if self.known else hashlib.sha256()
+
+    def digest(self) -> str:
+        return self.known or self.hasher.hexdigest()
+
+    def remember(self) -> None:
+        if self.hasher is not None:
+            store(self.path, self.what, self.hasher.hexdigest(), self.version)
