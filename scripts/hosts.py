@@ -193,18 +193,33 @@ PHASES_2_3 = ("comfy", "e2e or browser")
 SLOWEST = 15  # tests named in the summary with their time, slowest first
 
 
-def _pytest(python: Path, marker: str, args: list[str], env: dict[str, str],
-            times: list[tuple[float, str]] | None = None) -> tuple[int, dict[str, int]]:
+def _start(python: Path, marker: str, args: list[str], env: dict[str, str],
+           title: str = "") -> tuple[subprocess.Popen, Path, Path, str]:
+    """Start pytest in the background; its output goes to a log printed whole when it ends (runs
+    overlap, and interleaved lines of two pytest sessions would be unreadable)."""
     fd, xml = tempfile.mkstemp(prefix="compartments-junit-", suffix=".xml")
     os.close(fd)
+    fd, log = tempfile.mkstemp(prefix="compartments-pytest-", suffix=".log")
+    with os.fdopen(fd, "w") as out:
+        proc = subprocess.Popen([str(python), "-m", "pytest", "-p", "no:cacheprovider", "-m", marker,
+                                 f"--junitxml={xml}", *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return proc, Path(xml), Path(log), title or marker
+
+
+def _finish(started: tuple[subprocess.Popen, Path, Path, str],
+            times: list[tuple[float, str]] | None = None) -> tuple[int, dict[str, int]]:
+    proc, xml, log, title = started
     try:
-        code = subprocess.call([str(python), "-m", "pytest", "-p", "no:cacheprovider", "-m", marker,
-                                f"--junitxml={xml}", *args], cwd=ROOT, env=env)
-        counts = _junit_counts(Path(xml))
+        code = proc.wait()
+        print(f"----- {title} (exit {code}) -----", flush=True)
+        sys.stdout.write(log.read_text(errors="replace"))
+        sys.stdout.flush()
+        counts = _junit_counts(xml)
         if times is not None:
-            times += _junit_times(Path(xml))
+            times += _junit_times(xml)
     finally:
-        Path(xml).unlink(missing_ok=True)
+        xml.unlink(missing_ok=True)
+        log.unlink(missing_ok=True)
     return code, counts
 
 
@@ -237,11 +252,10 @@ def test(args: list[str]) -> int:
     if not base_py.is_file():
         say(f"{BASE_VENV} is missing: run scripts/setup.sh first")
         return 2
-    t0 = time.monotonic()
-    times1: list[tuple[float, str]] = []
-    code, counts = _pytest(base_py, "unit", args, env, times1)
-    results.append(Result("tier 1 (no ComfyUI)", "unit", counts, red=code not in (0, 5), seconds=time.monotonic() - t0,
-                          slowest=[f"{t:.0f} s {name}" for t, name in sorted(times1, reverse=True)[:SLOWEST]]))
+    # Schedule, for 2 cores and 24 GB: tier 1 beside the first release's tier 2 (in-process, about 13 GB),
+    # then the next releases' tier 2 one at a time, then the server tiers of every release at once (a
+    # server and a browser each, about 8 GB). The tiers wait on servers and browsers about half the time.
+    runs: list[_Run] = []
     for host in hosts():
         label = f"ComfyUI {host.version} ({host.name})"
         if host.problem:
@@ -255,28 +269,86 @@ def test(args: list[str]) -> int:
             say(f"{label}: {why}")
             results.append(Result(label, TIERS_2_3, note="NOT RUN: " + why, red=True))
             continue
-        copy = None
-        try:
-            path = host.path
-            if host.shared:
-                copy = Path(tempfile.mkdtemp(prefix=f"compartments-{host.name}-"))
-                path = copy / "ComfyUI"
-                shutil.copytree(host.path, path, ignore=shutil.ignore_patterns(".git", "__pycache__"))
-            say(f"{label}: tiers 2-3 in {host.venv} against {path}")
-            t0 = time.monotonic()
-            counts: dict[str, int] = {}
-            red = False
-            times: list[tuple[float, str]] = []
-            for marker in PHASES_2_3:
-                code, got = _pytest(host.python, marker, args, dict(env, COMFYUI_PATH=str(path)), times)
-                red |= code not in (0, 5)
-                counts = {k: counts.get(k, 0) + got.get(k, 0) for k in ("passed", "failed", "skipped")}
-            results.append(Result(label, TIERS_2_3, counts, red=red, seconds=time.monotonic() - t0,
-                                  slowest=[f"{t:.0f} s {name}" for t, name in sorted(times, reverse=True)[:SLOWEST]]))
-        finally:
-            if copy is not None:
-                shutil.rmtree(copy, ignore_errors=True)
+        runs.append(_Run(host, label))
+    try:
+        for run in runs:
+            run.prepare()
+        unit = _Phase("tier 1 (no ComfyUI)", "unit", _start(base_py, "unit", args, env, "tier 1"))
+        for run in runs:  # the first one beside tier 1
+            run.start(PHASES_2_3[0], args, env)
+            run.wait()
+        unit_result = unit.result()
+        for run in runs:
+            run.start(PHASES_2_3[1], args, env)
+        for run in runs:
+            run.wait()
+        results.insert(0, unit_result)
+        results += [run.result() for run in runs]
+    finally:
+        for run in runs:
+            run.cleanup()
     return _summary(results, time.monotonic() - t_all)
+
+
+@dataclass
+class _Phase:
+    """One pytest process running in the background."""
+
+    label: str
+    tiers: str
+    started: tuple
+    t0: float = field(default_factory=time.monotonic)
+
+    def result(self) -> Result:
+        times: list[tuple[float, str]] = []
+        code, counts = _finish(self.started, times)
+        return Result(self.label, self.tiers, counts, red=code not in (0, 5), seconds=time.monotonic() - self.t0,
+                      slowest=[f"{t:.0f} s {name}" for t, name in sorted(times, reverse=True)[:SLOWEST]])
+
+
+@dataclass
+class _Run:
+    """Tiers 2-3 of one release: its own copy of a shared checkout, then one pytest process per phase."""
+
+    host: Host
+    label: str
+    path: Path | None = None
+    copy: Path | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    red: bool = False
+    seconds: float = 0.0
+    times: list[tuple[float, str]] = field(default_factory=list)
+    current: tuple | None = None
+    t0: float = 0.0
+
+    def prepare(self) -> None:
+        self.path = self.host.path
+        if self.host.shared:
+            self.copy = Path(tempfile.mkdtemp(prefix=f"compartments-{self.host.name}-"))
+            self.path = self.copy / "ComfyUI"
+            shutil.copytree(self.host.path, self.path, ignore=shutil.ignore_patterns(".git", "__pycache__"))
+        say(f"{self.label}: tiers 2-3 in {self.host.venv} against {self.path}")
+
+    def start(self, marker: str, args: list[str], env: dict[str, str]) -> None:
+        self.t0 = time.monotonic()
+        self.current = _start(self.host.python, marker, args, dict(env, COMFYUI_PATH=str(self.path)),
+                              f"{self.label}: {marker}")
+
+    def wait(self) -> None:
+        code, got = _finish(self.current, self.times)
+        self.seconds += time.monotonic() - self.t0
+        self.red |= code not in (0, 5)
+        self.counts = {k: self.counts.get(k, 0) + got.get(k, 0) for k in ("passed", "failed", "skipped")}
+
+    def result(self) -> Result:
+        return Result(self.label, TIERS_2_3, self.counts, red=self.red, seconds=self.seconds,
+                      slowest=[f"{t:.0f} s {name}" for t, name in sorted(self.times, reverse=True)[:SLOWEST]])
+
+    def cleanup(self) -> None:
+        if self.current is not None and self.current[0].poll() is None:
+            self.current[0].kill()
+        if self.copy is not None:
+            shutil.rmtree(self.copy, ignore_errors=True)
 
 
 def _status(host: Host) -> dict:

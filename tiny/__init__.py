@@ -45,7 +45,11 @@ def cached(name: str, config: dict, build: Callable[[Path], None]) -> Path:
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp{suffix}")
     try:
         build(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # a folder another process (a parallel test run) built meanwhile: use theirs
+            if not target.exists():
+                raise
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -16,6 +16,16 @@ def _free_models() -> None:
     mm.soft_empty_cache()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _torch_threads_per_module():
+    """A module that pins torch to one thread (tiny models, bitwise comparisons) pins only itself:
+    the next module gets the thread count back (torch's setting is process-wide, and tier 2 is one
+    process: a leaked 1 made every later module, the Flux and SDXL ones included, run on one core)."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def free_models():
     """Unload every model ComfyUI holds (a module's big fixtures must not overlap the next module's)."""
