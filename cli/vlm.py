@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from ..samplers.m3id import M3IDSettings
-from ..vlm.folder import caption_folder
+from ..vlm.folder import caption_folder, check_folders
 from ..vlm.models import families, load_vlm
 
 PROMPT = "Describe this image in detail."
@@ -64,6 +64,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
                             max_new_tokens=args.max_tokens, greedy=not args.sample, seed=args.seed,
                             contrast=not args.plain)
     settings.validate()
+    check_folders(Path(args.folder), Path(args.output) if args.output else None)  # before a multi-GB load
     device, dtype = _device_dtype(args.device, args.dtype)
     vlm = load_vlm(args.vlm, dtype=dtype, device=device)
     print(f"captioning with {vlm.family} ({args.vlm}) on {device} in {str(dtype).removeprefix('torch.')}",

@@ -114,10 +114,16 @@ def resolve_dir(name: str, sub: str, input_name: str) -> str:
 def io_subfolder(kind: str, sub: str, input_name: str, must_exist: bool = True) -> str:
     """A folder under ComfyUI's ``input`` or ``output`` directory (``kind``), never outside it."""
     check_name(sub, input_name)
-    base = os.path.realpath(folder_paths.get_input_directory() if kind == "input"
-                            else folder_paths.get_output_directory())
-    cand = os.path.realpath(os.path.join(base, sub.strip()))
-    if os.path.commonpath([cand, base]) != base or cand == base or (must_exist and not os.path.isdir(cand)):
+    # containment on the normalised name (as resolve_dir): a dataset the user symlinked into input/ is
+    # theirs to use, a '..' or an absolute path leaving the folder is not
+    base = os.path.abspath(folder_paths.get_input_directory() if kind == "input"
+                           else folder_paths.get_output_directory())
+    cand = os.path.abspath(os.path.join(base, sub.strip()))
+    try:
+        inside = os.path.commonpath([cand, base]) == base
+    except ValueError:  # another drive (Windows)
+        inside = False
+    if not inside or cand == base or (must_exist and not os.path.isdir(cand)):
         raise BadInput(input_name, f"'{sub}' is not a folder under ComfyUI's {kind} directory.",
                        f"give a folder inside {base}, e.g. 'datasets/my_lora'.")
     return cand

@@ -22,7 +22,7 @@ from comfy_api.latest import io
 
 from ..samplers.m3id import CaptionResult, M3IDSettings
 from ..vlm.caption import caption_images
-from ..vlm.folder import caption_folder, check_folders, find_images
+from ..vlm.folder import FolderError, caption_folder, check_folders, find_images
 from ..vlm.models import VLM, VLMFolderError, detect_family, load_vlm
 from ..vlm.report import pdm_json, pdm_plot
 from . import _host
@@ -246,7 +246,12 @@ class CaptionM3ID(io.ComfyNode):
         _host.check_numbers(cls, lambda_=lambda_, alpha=alpha, weight_cap=weight_cap)
         settings = M3IDSettings(lam=float(lambda_), alpha=float(alpha), weight_cap=float(weight_cap),
                                 max_new_tokens=int(max_tokens), greedy=decoding == "greedy", seed=int(seed))
-        results = _caption(vlm, images, prompt, settings, chunk_size)
+        try:
+            results = _caption(vlm, images, prompt, settings, chunk_size)
+        except BaseException:
+            if unload_after and isinstance(vlm, VLMHandle):  # Cancel or an error: free the memory anyway
+                vlm.release()
+            raise
         return _outputs(results, vlm, settings, unload_after)
 
 
@@ -275,7 +280,12 @@ class CaptionPlain(io.ComfyNode):
                 unload_after: bool = False) -> io.NodeOutput:
         settings = M3IDSettings(lam=0.0, max_new_tokens=int(max_tokens), greedy=decoding == "greedy",
                                 seed=int(seed), contrast=False, pdm=bool(measure_pdm))
-        results = _caption(vlm, images, prompt, settings, chunk_size)
+        try:
+            results = _caption(vlm, images, prompt, settings, chunk_size)
+        except BaseException:
+            if unload_after and isinstance(vlm, VLMHandle):  # Cancel or an error: free the memory anyway
+                vlm.release()
+            raise
         return _outputs(results, vlm, settings, unload_after)
 
 
@@ -327,6 +337,23 @@ class CaptionFolder(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, folder, output_folder="", recursive=False, **kwargs):
+        """The folder's images and caption files (names, sizes, times): re-queueing after adding images
+        or deleting captions runs the node again; an unchanged folder is ComfyUI's cached result."""
+        try:
+            src = Path(_host.io_subfolder("input", folder, "folder"))
+            out = Path(_host.io_subfolder("output", output_folder, "output_folder", must_exist=False)) \
+                if output_folder.strip() else src
+        except _host.BadInput:
+            return None
+        sig = []
+        for root in {src, out}:
+            if root.is_dir():
+                files = root.rglob("*") if recursive else root.glob("*")
+                sig += sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file())
+        return json.dumps(sig)
+
+    @classmethod
     def execute(cls, vlm, folder, prompt, method, prefix, output_folder, recursive, overwrite, max_tokens,
                 decoding, seed, chunk_size, lambda_, alpha, unload_after: bool = False) -> io.NodeOutput:
         _host.check_numbers(cls, lambda_=lambda_, alpha=alpha)
@@ -338,19 +365,25 @@ class CaptionFolder(io.ComfyNode):
         settings = M3IDSettings(lam=0.0 if plain else float(lambda_), alpha=float(alpha),
                                 max_new_tokens=int(max_tokens), greedy=decoding == "greedy", seed=int(seed),
                                 contrast=not plain)
-        with _host.blame("folder"):
-            check_folders(src, out)  # before the model is loaded: a bad folder costs nothing
+        try:
+            try:
+                check_folders(src, out)  # before the model is loaded: a bad folder costs nothing
+            except FolderError as exc:
+                exc.field = {"output": "output_folder"}.get(exc.field, exc.field)
+                raise
             model = handle.ready()
             n_images = len(find_images(src, recursive, exclude=out))
             bar = _host.progress(max(1, n_images * settings.max_new_tokens))
-            report = caption_folder(model, src, prompt, settings, output=out, recursive=bool(recursive),
-                                    overwrite=bool(overwrite), prefix=prefix, chunk_size=int(chunk_size),
-                                    progress=lambda _d, _n, tok, total: bar(tok, total),
-                                    fatal=(comfy.model_management.InterruptProcessingException,),
-                                    model_name=os.path.basename(handle.path))
-        if unload_after:
-            handle.release()
-        captions = [Path(p).read_text().rstrip("\n") for p in report.captioned_txt]
+            with _host.blame("folder"):
+                report = caption_folder(model, src, prompt, settings, output=out, recursive=bool(recursive),
+                                        overwrite=bool(overwrite), prefix=prefix, chunk_size=int(chunk_size),
+                                        progress=lambda _d, _n, tok, total: bar(tok, total),
+                                        fatal=(comfy.model_management.InterruptProcessingException,),
+                                        model_name=os.path.basename(handle.path))
+        finally:
+            if unload_after:  # also after Cancel or an error: the memory is what the option is for
+                handle.release()
+        captions = [Path(p).read_text(encoding="utf-8").rstrip("\n") for p in report.captioned_txt]
         d = report.to_dict()
         summary = (f"captioned {d['n_captioned']}, skipped {d['n_skipped']} (already captioned), "
                    f"failed {d['n_failed']}; records in {report.jsonl}")

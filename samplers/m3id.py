@@ -184,15 +184,17 @@ class M3IDProcessor:
 class _ProgressCriteria:
     """A StoppingCriteria that never stops but reports each token step (and lets Cancel raise)."""
 
-    def __init__(self, progress: Progress, total: int, offset: int = 0, grand_total: int | None = None):
+    def __init__(self, progress: Progress, total: int, offset: int = 0, grand_total: int | None = None,
+                 rows: int = 1):
         self.progress, self.total, self.offset = progress, total, offset
         self.grand_total = grand_total or total
+        self.rows = rows  # captions decoded together: each step is one token of each
         self.step = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kw: Any) -> torch.BoolTensor:
         self.step += 1
         if self.progress is not None:
-            self.progress(self.offset + self.step, self.grand_total)
+            self.progress(min(self.offset + self.step * self.rows, self.grand_total), self.grand_total)
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -271,7 +273,7 @@ def generate_m3id(model: Any, cond_inputs: dict[str, torch.Tensor], uncond_input
     inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in cond_inputs.items()}
     if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    stop = _ProgressCriteria(progress, settings.max_new_tokens, progress_offset, progress_total)
+    stop = _ProgressCriteria(progress, settings.max_new_tokens, progress_offset, progress_total, rows=batch)
     out = model.generate(**inputs, generation_config=gen_cfg, logits_processor=LogitsProcessorList([proc]),
                          stopping_criteria=StoppingCriteriaList([stop]))
     return out[:batch, inputs["input_ids"].shape[1]:], proc

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..samplers.m3id import CaptionResult, M3IDSettings, Progress, generate_m3id, split_results
-from .models import PromptError, build_inputs, check_prompt
+from .models import PromptError, build_inputs, check_length, check_prompt
 
 
 def caption_images(vlm: Any, images: list, prompt: str, settings: M3IDSettings, chunk_size: int = 4,
@@ -33,6 +33,8 @@ def caption_images(vlm: Any, images: list, prompt: str, settings: M3IDSettings, 
 
     def run(idx: list[int]) -> None:
         cond, uncond = build_inputs(vlm, [images[i] for i in idx], prompt)
+        # with the image tokens and the caption to come (the up-front check saw the bare prompt only)
+        check_length(vlm, cond["input_ids"].shape[1], settings.max_new_tokens, "the prompt with the image")
         new, proc = generate_m3id(vlm.model, cond, uncond if need_branch else None, settings, vlm.eos_token_ids,
                                   vlm.pad_token_id, progress, idx[0] * settings.max_new_tokens, total,
                                   fused=fused and vlm.quirk.fused, generated_type=vlm.quirk.generated_type)

@@ -131,9 +131,15 @@ def caption_folder(vlm: Any, folder: Path, prompt: str, settings: M3IDSettings, 
                           "point it at the dataset folder" + ("" if recursive else ", or turn recursive on")
                           + ".", "folder")
     report = FolderReport(jsonl=str((output or folder) / JSONL_NAME))
-    todo = []
+    todo, owner_of = [], {}
     for img in images:
-        if caption_path(img, folder, output).exists() and not overwrite:
+        target = caption_path(img, folder, output)
+        if target in owner_of:  # a.png and a.jpg would both write a.txt: caption the first only
+            report.failed[str(img.relative_to(folder))] = (
+                f"shares {target.name} with {owner_of[target].name}: rename one of them")
+            continue
+        owner_of[target] = img
+        if target.exists() and not overwrite:
             report.skipped.append(str(img.relative_to(folder)))
         else:
             todo.append(img)
@@ -166,7 +172,7 @@ def caption_folder(vlm: Any, folder: Path, prompt: str, settings: M3IDSettings, 
         offset = done * step_tokens
 
         def tokens(k: int, _n: int, offset: int = offset, done: int = done) -> None:
-            if progress is not None:
+            if progress is not None:  # k counts this chunk's tokens, every image's
                 progress(done, len(todo), min(offset + k, total_tokens), total_tokens)
 
         results = caption_images(vlm, pil, prompt, settings, chunk_size=len(pil), progress=tokens,
@@ -189,6 +195,8 @@ def caption_folder(vlm: Any, folder: Path, prompt: str, settings: M3IDSettings, 
         done += len(chunk)
         if progress is not None:
             progress(done, len(todo), done * step_tokens, total_tokens)
+    if records and (report.captioned or report.skipped):  # bad images of a resumed run get their lines too
+        flush()
     if todo and not report.captioned and not report.skipped:
         raise FolderError(f"no image of '{folder}' could be captioned: "
                           + "; ".join(f"{k}: {v}" for k, v in list(report.failed.items())[:5]),

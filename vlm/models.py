@@ -10,6 +10,7 @@ network (``local_files_only=True``); only safetensors weights are loaded.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ REFUSED: dict[str, str] = {
              "(the 'prompt' is a caption prefix), so there is no image-free language model to contrast with."),
     "diffusion_gemma": "DiffusionGemma decodes by block diffusion, not token by token; M3ID is a per-token rule.",
     "evolla": "Evolla is a protein-text model, not a vision-language model.",
+    "idefics": ("IDEFICS (v1) reads the image through gated cross-attention with a per-token image mask; its "
+                "image-free branch is not built or tested here. Idefics2 / Idefics3 / SmolVLM are supported."),
     "pi0": "PI0 is a robot-action model; it does not generate captions.",
 }
 
@@ -192,6 +195,8 @@ def _check_size(folder: str | os.PathLike, transformers: Any) -> None:
     the files lack, so a config.json of a 7B model beside a few kilobytes of weights would take
     tens of GB. The model is built on the meta device (no memory) to count what the config needs.
     """
+    if "quantization_config" in read_config(folder):  # 4-bit / fp8 weights: a float skeleton says nothing
+        return
     present = 0
     for weights in Path(folder).glob("*.safetensors"):
         with open(weights, "rb") as f:
@@ -257,8 +262,11 @@ def _messages(prompt: str, image: Any | None) -> list[dict]:
 
 def _template(vlm: VLM, images: list, prompt: str) -> tuple[dict, dict]:
     proc = vlm.processor
-    kw = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
-              processor_kwargs={"padding": True})
+    kw: dict[str, Any] = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    if "processor_kwargs" in inspect.signature(proc.apply_chat_template).parameters:
+        kw["processor_kwargs"] = {"padding": True}  # transformers 5
+    else:
+        kw["padding"] = True  # transformers 4 passes it on to the processor
     if "enable_thinking" in str(proc.chat_template):
         # templates with a reasoning mode (Qwen3.5, Gemma 4...) then open the answer with an empty, closed
         # thinking block, so the caption is the answer (passed only to templates that read it: transformers
@@ -292,8 +300,10 @@ def _fallback(vlm: VLM, images: list, prompt: str) -> tuple[dict, dict]:
             free["token_type_ids"] = torch.zeros_like(ids)
         return cond, free
     if vlm.family not in FALLBACK_TEMPLATES:
-        raise VLMFolderError(f"'{vlm.folder}' has no chat template (chat_template.jinja or the processor's "
-                             "chat_template): copy it from the model's original repository.")
+        raise VLMFolderError(f"'{vlm.folder}' ({vlm.family}) has no chat template (chat_template.jinja or the "
+                             "processor's chat_template): M3ID builds both branches with the model's own prompt "
+                             "format. If the model's repository has one, copy it into the folder; models without "
+                             "any (plain captioners) are not supported.")
     c_text, u_text = FALLBACK_TEMPLATES[vlm.family]
     cond = dict(proc(text=[c_text.format(prompt=prompt)] * n, images=images, return_tensors="pt", padding=True))
     ids = tok([u_text.format(prompt=prompt)] * n, return_tensors="pt")["input_ids"]
@@ -304,7 +314,9 @@ def build_inputs(vlm: VLM, images: list, prompt: str) -> tuple[dict[str, torch.T
     """Conditioned inputs for a batch of PIL images and the image-free inputs for the same prompt.
 
     The image-free branch is the same chat messages with the image entry removed, rendered by
-    the same template, so the two branches differ only by the image. Rows are left-padded.
+    the same template (for most families the prompts then differ only by the image tokens; a
+    template may format a turn with an image slightly differently, e.g. SmolVLM's "User:" before
+    an image and "User: " before text, as the model saw in training). Rows are left-padded.
     """
     if getattr(vlm.processor, "chat_template", None) and vlm.quirk.no_template is None:
         cond, free = _template(vlm, images, prompt)

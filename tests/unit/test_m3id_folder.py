@@ -109,15 +109,30 @@ def test_bad_folders_are_refused_and_nothing_is_written(vlm, tmp_path, case):
 
 
 def test_a_failing_write_leaves_no_partial_caption(vlm, tmp_path, monkeypatch):
+    """The disk fills up after the caption's bytes were written to the temporary file: the rename never
+    happens, the temporary file is removed, and no .txt exists."""
+    import compartments.atomic as atomic
+
     ds = _dataset(tmp_path / "ds")
 
-    def disk_full(path, data):
+    def disk_full(src, dst):
+        assert Path(src).read_text(encoding="utf-8")  # the bytes reached the temporary file
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(F, "write_text", lambda path, text: disk_full(path, text))
+    monkeypatch.setattr(atomic.os, "replace", disk_full)
     with pytest.raises(OSError, match="No space"):
         F.caption_folder(vlm, ds, PROMPT, S)
-    assert not list(ds.glob("*.txt")) and not list(ds.glob(".*.tmp"))
+    assert not list(ds.glob("*.txt")) and not [p for p in ds.iterdir() if p.name.startswith(".")
+                                               and p.name != ".hidden.png"]
+
+
+def test_two_images_with_one_caption_name_are_not_mixed_up(vlm, tmp_path):
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    tiny.image(1).save(ds / "a.png")
+    tiny.image(2).save(ds / "a.jpg")
+    report = F.caption_folder(vlm, ds, PROMPT, S)
+    assert report.captioned == ["a.jpg"] and "shares a.txt with a.jpg" in report.failed["a.png"]
 
 
 def test_cli_caption_and_progress(tmp_path, capsys):
