@@ -11,6 +11,14 @@ figures isolate the index. One JSON line per figure:
 Backends: ``faiss`` = the store's FaissIndex (IndexFlatIP on normalised vectors, exact), ``numpy``
 = NumpyIndex (a matmul + argpartition, the brute-force reference). Forget and open are
 measured on a real ImageStore filled through its write path with the same random vectors.
+
+``--postgres`` adds the same store figures on PostgreSQL + pgvector (a real server started by the
+``pgserver`` package in a temp folder, a benchmark-only dependency): open, build rate through the
+store's write path (rows, vectors and 1 KB copies, COPY in one transaction per 1000), query latency
+exact and through an HNSW index (with its agreement with the exact top-k), forget latency with and
+without the VACUUM the store runs, and the write-ahead-log bytes per forget.
+
+    python benchmarks/retrieval.py --postgres --sizes 10000 100000
 """
 
 from __future__ import annotations
@@ -126,6 +134,86 @@ def store_figures(n: int, dim: int, threads: int, common: dict) -> None:
         store.close()
 
 
+def pg_figures(n: int, dim: int, queries: int, k: int, common: dict) -> None:
+    """The store figures on PostgreSQL + pgvector (see the module doc)."""
+    import hashlib
+    import shutil
+
+    import pgserver
+
+    from compartments.retrieval import PgImageStore
+
+    rng = np.random.default_rng(11)
+    tmp = Path(tempfile.mkdtemp(prefix="compartments-bench-pg-"))
+    server = pgserver.get_server(str(tmp / "pg"), cleanup_mode="stop")
+    try:
+        url = server.get_uri()
+        params = {**common, "backend": "postgresql", "server": "PostgreSQL 16.2 + pgvector 0.6.2 (pgserver)"}
+        store = PgImageStore.create(url, "bench", _embedder(dim, tmp))
+        store.set_default_owner("bench")  # as a build records it (else every query looks the owner up)
+        vecs = _unit(n, dim, rng)
+        blob = rng.bytes(1024)
+        t0 = time.perf_counter()
+        ids: list[int] = []
+        for start in range(0, n, 1000):
+            m = min(1000, n - start)
+            staged = [{"sha": hashlib.sha256(str(start + i).encode()).hexdigest(), "path": f"{start + i}.png",
+                       "file": f"{start + i}.png", "width": 1, "height": 1, "data": blob} for i in range(m)]
+            ids += store._insert(staged, vecs[start:start + m], "bench", "private", False, _Report())
+        _emit("store_build_rate", n / (time.perf_counter() - t0), "vectors/s", includes="rows + vectors + 1 KB "
+              "copies, COPY, one transaction per 1000", **params)
+        store.close()
+        t0 = time.perf_counter()
+        store = PgImageStore(url, "bench")
+        _emit("open_latency", (time.perf_counter() - t0) * 1e3, "ms", includes="connect + read the config "
+              "(no index to build)", **params)
+        qs = _unit(queries, dim, rng)
+
+        def latency(exact: bool) -> tuple[float, list[list[int]]]:
+            store.query_by_vector(qs[0], k, "all", exact=exact)
+            times, tops = [], []
+            for q in qs:
+                t0 = time.perf_counter()
+                tops.append([h.id for h in store.query_by_vector(q, k, "all", exact=exact)])
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times) * 1e3, tops
+
+        exact_ms, exact_top = latency(True)
+        _emit("query_latency", exact_ms, "ms", index="exact (scan)", queries=queries, **params)
+        t0 = time.perf_counter()
+        store.add_index("hnsw")
+        _emit("hnsw_build_seconds", time.perf_counter() - t0, "s", m=16, ef_construction=64, **params)
+        hnsw_ms, hnsw_top = latency(False)
+        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(hnsw_top, exact_top, strict=True)]))
+        _emit("query_latency", hnsw_ms, "ms", index="hnsw", ef_search=100, queries=queries, **params)
+        _emit("hnsw_recall_at_k", recall, "fraction of the exact top-k", **params)
+        for vacuum in (True, False):
+            store.vacuum = vacuum
+            times, wal = [], []
+            for victim in ids[1::max(1, n // 7)][:7] if vacuum else ids[2::max(1, n // 7)][:7]:
+                lsn = store.conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+                t0 = time.perf_counter()
+                store.forget([victim])
+                times.append(time.perf_counter() - t0)
+                wal.append(int(store.conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)",
+                                                  (lsn,)).fetchone()[0]))
+            _emit("forget_latency", statistics.median(times) * 1e3, "ms", vacuum=vacuum, forgets=len(times),
+                  max_ms=round(max(times) * 1e3, 3), wal_bytes_per_forget=int(statistics.median(wal)),
+                  includes="DELETE row + vector + copy (cascade), COMMIT" + (", VACUUM both tables" if vacuum else ""),
+                  **params)
+        store.drop()
+    finally:
+        server.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _Report:
+    """The part of AddReport the store's insert writes to (skips: none in a benchmark)."""
+
+    def __init__(self) -> None:
+        self.skipped: list = []
+
+
 _HUGE_CHILD = """
 import resource, sys, time
 from compartments.retrieval.embed import Embedder
@@ -173,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queries", type=int, default=None)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    ap.add_argument("--postgres", action="store_true", help="also the store figures on PostgreSQL + pgvector")
     ap.add_argument("--huge-images", type=int, default=0, metavar="N",
                     help="only: peak RSS of a build from N 6000x6000 PNGs")
     args = ap.parse_args(argv)
@@ -186,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     queries = args.queries or (50 if args.quick else 200)
     for n in sizes:
         run(n, args.dim, queries, args.k, args.threads)
+        if args.postgres:
+            pg_figures(n, args.dim, queries, args.k, {"n": n, "dim": args.dim, "k": args.k, "threads": args.threads,
+                                                      "device": "cpu", "machine": platform.machine()})
     return 0
 
 

@@ -1,10 +1,14 @@
 """``python -m compartments store ...``: manage an image store without ComfyUI.
 
+STORE is a store folder, a ``NAME.pgstore.json`` config, or, with ``--db postgresql://...``
+(every subcommand takes it), the name of a store in that PostgreSQL database.
+
     store build  STORE --folder DIR --weights W.safetensors [--model-config auto] [--owner O] [--visibility private]
     store query  STORE (--text T | --image FILE) [--k 4] [--visibility private|public|all] [--owner O]
     store forget STORE REF...        (ids or sha256 hashes)
     store visibility STORE public|private REF...
     store list   STORE [--visibility all]
+    store compact STORE --db URL                  (PostgreSQL: rewrite the tables without forgotten rows)
 
 Queries and builds need the open_clip weights; ``--weights`` defaults to the file the store
 recorded, looked up next to the store's parent ``models/`` folder (clip_vision, open_clip).
@@ -17,16 +21,10 @@ import json
 import sys
 from pathlib import Path
 
+from ..retrieval.backends import StoreRef
 from ..retrieval.embed import Embedder, EmbedderError
-from ..retrieval.store import (
-    FILTERS,
-    VISIBILITIES,
-    ImageStore,
-    StoreError,
-    build_or_update,
-    decode_image,
-    parse_refs,
-)
+from ..retrieval.pgstore import PgImageStore
+from ..retrieval.store import FILTERS, VISIBILITIES, ImageStore, StoreError, decode_image, parse_refs
 
 
 def _find_weights(store: Path, name: str) -> Path:
@@ -37,11 +35,22 @@ def _find_weights(store: Path, name: str) -> Path:
     raise StoreError(f"cannot find the store's weights '{name}'.", "pass --weights PATH.", "weights")
 
 
-def _open(args: argparse.Namespace, need_embedder: bool = True) -> ImageStore:
-    store = ImageStore(args.store)
+def _ref(args: argparse.Namespace) -> StoreRef:
+    return StoreRef.parse(args.store, db=getattr(args, "db", None))
+
+
+def _open(args: argparse.Namespace, need_embedder: bool = True) -> ImageStore | PgImageStore:
+    ref = _ref(args)
+    store = ref.open()
     if need_embedder:
-        weights = Path(args.weights) if getattr(args, "weights", None) else _find_weights(
-            Path(args.store), store.config["model"]["weights"])
+        if getattr(args, "weights", None):
+            weights = Path(args.weights)
+        elif ref.path:
+            weights = _find_weights(Path(args.store), store.config["model"]["weights"])
+        else:
+            store.close()
+            raise StoreError("a store in a database has no models folder beside it to find its weights in.",
+                             f"pass --weights PATH/{store.config['model']['weights']}.", "weights")
         store.set_embedder(Embedder(weights, getattr(args, "model_config", "auto")))
     return store
 
@@ -52,8 +61,8 @@ def _progress(done: int, total: int) -> None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     emb = Embedder(args.weights, args.model_config)
-    store, report, created = build_or_update(args.store, emb, args.folder, owner=args.owner,
-                                             visibility=args.visibility, progress=_progress)
+    store, report, created = _ref(args).build_or_update(emb, args.folder, owner=args.owner,
+                                                        visibility=args.visibility, progress=_progress)
     with store:
         print(json.dumps({"created": created, **report.to_dict(), "summary": store.summary()}, indent=1))
     return 0
@@ -72,7 +81,23 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_forget(args: argparse.Namespace) -> int:
     with _open(args, need_embedder=False) as store:
         gone = store.forget(parse_refs(" ".join(args.refs)))
+        if args.compact:
+            _compact(store)
         print(json.dumps({"forgotten": [{"id": g.id, "sha256": g.sha256} for g in gone], "items_left": len(store)}))
+    return 0
+
+
+def _compact(store: ImageStore | PgImageStore) -> None:
+    if not isinstance(store, PgImageStore):
+        raise StoreError("compact is for PostgreSQL stores; a folder store zeroes a forgotten vector in place.",
+                         "", "store")
+    store.compact()
+
+
+def cmd_compact(args: argparse.Namespace) -> int:
+    with _open(args, need_embedder=False) as store:
+        _compact(store)
+        print(json.dumps({"compacted": store.name, "items": len(store)}))
     return 0
 
 
@@ -127,6 +152,8 @@ def register(sub) -> None:
     f = cmds.add_parser("forget", help="delete images by id or sha256 (row, vector, stored copy)")
     f.add_argument("store")
     f.add_argument("refs", nargs="+")
+    f.add_argument("--compact", action="store_true",
+                   help="PostgreSQL: also rewrite the tables so no byte of the forgotten rows stays in their files")
     f.set_defaults(func=_guard(cmd_forget))
     v = cmds.add_parser("visibility", help="mark images public or private")
     v.add_argument("store")
@@ -137,3 +164,9 @@ def register(sub) -> None:
     ls.add_argument("store")
     ls.add_argument("--visibility", choices=FILTERS, default="all")
     ls.set_defaults(func=_guard(cmd_list))
+    c = cmds.add_parser("compact", help="PostgreSQL: rewrite the tables without the forgotten rows' bytes")
+    c.add_argument("store")
+    c.set_defaults(func=_guard(cmd_compact))
+    for sub in (b, q, f, v, ls, c):
+        sub.add_argument("--db", help="postgresql://user@host:port/database: STORE is then a store name in it "
+                                      "(the password comes from PGPASSWORD or ~/.pgpass)")

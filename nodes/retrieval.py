@@ -1,6 +1,8 @@
 """Image store nodes: build/update, load, retrieve, set visibility, forget, list.
 
-Stores are folders in ``models/retrieval_stores`` (a dropdown); the open_clip weights come
+Stores are folders in ``models/retrieval_stores`` (a dropdown), or stores in a PostgreSQL
+database named by a ``NAME.pgstore.json`` config there (``{"url": "postgresql://user@host/db"}``;
+the password comes from ``PGPASSWORD`` or ``~/.pgpass``, never from a workflow); the open_clip weights come
 from ``models/open_clip`` or ``models/clip_vision`` (safetensors in open_clip's key layout).
 The nodes pass a ``COMPARTMENTS_IMAGE_STORE`` handle along, so a graph orders its writes:
 Build -> Forget -> Retrieve retrieves from the store after the forget. The work is in
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,17 +23,10 @@ import comfy.model_patcher
 import folder_paths
 from comfy_api.latest import io
 
+from ..retrieval.backends import PG_CONFIG_SUFFIX, StoreRef
 from ..retrieval.embed import Embedder, EmbedderError
-from ..retrieval.store import (
-    FILTERS,
-    VISIBILITIES,
-    ImageStore,
-    StoreError,
-    attribution,
-    build_or_update,
-    parse_refs,
-    store_revision,
-)
+from ..retrieval.pgstore import PgImageStore
+from ..retrieval.store import FILTERS, VISIBILITIES, ImageStore, StoreError, attribution, parse_refs
 from . import _host
 
 STORES = "retrieval_stores"
@@ -47,13 +43,13 @@ StoreType = io.Custom("COMPARTMENTS_IMAGE_STORE")
 class StoreHandle:
     """What flows between the nodes: where the store is and which model embeds its queries."""
 
-    path: str
+    path: str  # a store folder, or a .pgstore.json config
     weights: str
     model_name: str = "auto"
 
-    def open(self) -> ImageStore:
+    def open(self, with_embedder: bool = True) -> ImageStore | PgImageStore:
         with _blame("store"):
-            return ImageStore(self.path, _embedder(self.weights, self.model_name))
+            return StoreRef.parse(self.path).open(_embedder(self.weights, self.model_name) if with_embedder else None)
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -99,14 +95,36 @@ def _embedder(weights_path: str, model_name: str) -> Embedder:
 
 
 def _store_path(name: str) -> Path:
-    name = name.strip()
+    """The store folder, or the ``NAME.pgstore.json`` config when there is one (a database store)."""
+    name = name.strip().removesuffix(PG_CONFIG_SUFFIX)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,99}", name) or ".." in name:
         raise _host.BadInput("store_name", f"'{name}' is not a usable store name.",
                              "use letters, digits, '-', '_', '.', spaces; no slashes.")
     for base in _host.folder_dirs(STORES):
+        if (Path(base) / (name + PG_CONFIG_SUFFIX)).is_file():
+            return Path(base) / (name + PG_CONFIG_SUFFIX)
         if (Path(base) / name).is_dir():
             return Path(base) / name
     return Path(_host.folder_dirs(STORES)[0]) / name
+
+
+def _store_config(name: str) -> str:
+    """The path of a ``NAME.pgstore.json`` directly in models/retrieval_stores (never outside it)."""
+    _host.check_name(name, "store")
+    if "/" in name or "\\" in name or name.startswith("."):
+        raise _host.BadInput("store", f"'{name}' is not a config name.", "pick a NAME.pgstore.json from the list.")
+    for base in _host.folder_dirs(STORES):
+        if os.path.isfile(os.path.join(base, name)):
+            return os.path.join(base, name)
+    raise _host.BadInput("store", f"'{name}' is not in models/{STORES}.",
+                         f"put the config in {_host.folder_dirs(STORES)[0]} and refresh the page.")
+
+
+def _store_options() -> list[str]:
+    """Store folders and database-store configs in models/retrieval_stores."""
+    configs = {f for base in _host.folder_dirs(STORES) if os.path.isdir(base)
+               for f in os.listdir(base) if f.endswith(PG_CONFIG_SUFFIX) and not f.startswith(".")}
+    return sorted(set(_host.list_dirs(STORES)) | configs)
 
 
 def _input_folders() -> list[str]:
@@ -128,8 +146,13 @@ def _folder_signature(folder: Path) -> list:
         return []
 
 
-def _revision(path: Path) -> int | None:
-    return store_revision(path)
+def _revision(path: Path) -> int | str | None:
+    """The store's write counter; a fresh value each time the store cannot be read (unreachable
+    database, broken config), so ComfyUI runs the node again instead of trusting its cache."""
+    try:
+        return StoreRef.parse(str(path)).revision()
+    except StoreError:
+        return f"unreadable-{time.monotonic_ns()}"
 
 
 # -- nodes --------------------------------------------------------------------------------
@@ -147,7 +170,8 @@ class BuildImageStore(io.ComfyNode):
                         "forgotten images are not added again.",
             inputs=[
                 io.String.Input("store_name", default="my-images",
-                                tooltip="Folder name in models/retrieval_stores (new or existing)."),
+                                tooltip="Folder name in models/retrieval_stores (new or existing); with a "
+                                        "NAME.pgstore.json config there, the store NAME in that PostgreSQL database."),
                 io.Combo.Input("folder", options=_input_folders(),
                                tooltip="A folder under ComfyUI's input directory."),
                 io.Combo.Input("weights", options=_weights_options(),
@@ -166,11 +190,11 @@ class BuildImageStore(io.ComfyNode):
     def fingerprint_inputs(cls, store_name, folder, **kwargs):
         base = folder_paths.get_input_directory()
         sig = _folder_signature(Path(base) / folder)
-        path = None
-        for b in _host.folder_dirs(STORES):
-            if (Path(b) / store_name.strip()).is_dir():
-                path = Path(b) / store_name.strip()
-        return json.dumps([sig, _revision(path) if path else None])
+        try:
+            path = _store_path(store_name)
+        except _host.BadInput:
+            path = None
+        return json.dumps([sig, _revision(path) if path is not None and path.exists() else None])
 
     @classmethod
     def execute(cls, store_name, folder, weights, model_config="auto", visibility="private",
@@ -182,12 +206,12 @@ class BuildImageStore(io.ComfyNode):
         count = sum(1 for p in src.rglob("*") if p.is_file())
         progress = _host.progress(count, node_id=cls.hidden.unique_id if cls.hidden else None)
         with _blame("store"):
-            store, report, created = build_or_update(path, emb, src, owner=owner, visibility=visibility,
-                                                     progress=progress)
+            store, report, created = StoreRef.parse(str(path)).build_or_update(
+                emb, src, owner=owner, visibility=visibility, progress=progress)
         with store:
             summary = store.summary()
         base = str(src)
-        out = {"store": path.name, "created": created, "added": report.added,
+        out = {"store": store.name if hasattr(store, "url") else path.name, "created": created, "added": report.added,
                "skipped": [{"file": os.path.relpath(p, base), "reason": r} for p, r in report.skipped],
                "items": summary["items"], "public": summary["public"], "private": summary["private"]}
         return io.NodeOutput(StoreHandle(str(path), weights_path, model_config), json.dumps(out, indent=1))
@@ -211,11 +235,14 @@ class LoadImageStore(io.ComfyNode):
             node_id="CompartmentsRetrievalLoadStore",
             display_name="Load Image Store",
             category=CATEGORY,
-            description="Open a store from models/retrieval_stores. The open_clip weights it was built with must be "
-                        "in models/open_clip or models/clip_vision (override with 'weights').",
+            description="Open a store from models/retrieval_stores: a store folder, or a NAME.pgstore.json config "
+                        "naming a store in a PostgreSQL + pgvector database shared by several workers. The open_clip "
+                        "weights it was built with must be in models/open_clip or models/clip_vision (override "
+                        "with 'weights').",
             inputs=[
-                io.Combo.Input("store", options=_host.list_dirs(STORES),
-                               tooltip="A store folder in models/retrieval_stores."),
+                io.Combo.Input("store", options=_store_options(),
+                               tooltip="A store folder in models/retrieval_stores, or a NAME.pgstore.json config "
+                                       "there naming a store in a PostgreSQL database."),
                 io.Combo.Input("weights", options=["(recorded)", *_weights_options()], default="(recorded)",
                                tooltip="Which weights file to embed queries with; must be the model the store was built with."),
             ],
@@ -225,15 +252,15 @@ class LoadImageStore(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, store, weights="(recorded)"):
         for base in _host.folder_dirs(STORES):
-            if (Path(base) / store).is_dir():
+            if (Path(base) / store).exists():
                 return _revision(Path(base) / store)
         return None
 
     @classmethod
     def execute(cls, store, weights="(recorded)") -> io.NodeOutput:
-        path = _host.resolve_dir(STORES, store, "store")
+        path = _store_config(store) if store.endswith(PG_CONFIG_SUFFIX) else _host.resolve_dir(STORES, store, "store")
         with _blame("store"):
-            with ImageStore(path) as opened:
+            with StoreRef.parse(path).open() as opened:
                 model = opened.config["model"]
                 summary = opened.summary()
         name = model["weights"] if weights == "(recorded)" else weights
@@ -363,7 +390,7 @@ class ListImageStore(io.ComfyNode):
 
     @classmethod
     def execute(cls, store, visibility) -> io.NodeOutput:
-        with ImageStore(store.path) as opened:
+        with store.open(with_embedder=False) as opened:
             with _blame("visibility"):
                 items = opened.list(visibility)
             summary = opened.summary()

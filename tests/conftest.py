@@ -85,6 +85,25 @@ def _base_left_as_found(request):
             path.unlink(missing_ok=True)
 
 
+# ---------------------------------------------------------------- PostgreSQL for the store tests
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory):
+    """A real PostgreSQL 16 + pgvector server (``pgserver``, a pip package) in this run's temp folder,
+    stopped and deleted at the end. Skipped, with the reason, only if it cannot start here."""
+    try:
+        import pgserver
+    except ImportError as exc:
+        pytest.skip(f"PostgreSQL store tests need the pgserver package (pip install pgserver): {exc}")
+    data = tmp_path_factory.mktemp("pg")
+    try:
+        server = pgserver.get_server(str(data), cleanup_mode="stop")
+    except Exception as exc:  # noqa: BLE001 - any start failure is a reason to skip, printed
+        pytest.skip(f"PostgreSQL (pgserver) could not start in {data}: {type(exc).__name__}: {exc}")
+    yield SimpleNamespace(url=server.get_uri(), data=data, server=server)
+    server.cleanup()
+    shutil.rmtree(data, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- tier 2: in-process ComfyUI
 @pytest.fixture(scope="session", autouse=True)
 def _member_id_cache(tmp_path_factory):

@@ -139,3 +139,41 @@ def test_building_folders_are_never_offered(comfy, prepared):
         import shutil
 
         shutil.rmtree(hidden, ignore_errors=True)
+
+
+def test_the_same_nodes_on_a_postgresql_store(comfy, prepared, pg_server):
+    """A ``NAME.pgstore.json`` in models/retrieval_stores makes Build/Load/Retrieve/Forget/List use a store
+    in that PostgreSQL database; the workflow never carries the URL's password."""
+    from compartments.retrieval import PgImageStore
+    from compartments.tiny import retrieval as tiny_retrieval
+
+    cfg = comfy.models_dir / "retrieval_stores" / "nodes_pg.pgstore.json"
+    cfg.write_text(json.dumps({"url": pg_server.url}))
+    try:
+        schema = comfy.node("CompartmentsRetrievalLoadStore").GET_SCHEMA()
+        assert cfg.name in {i.id: getattr(i, "options", None) for i in schema.inputs}["store"]
+        store, report = _build(comfy, "nodes_pg")
+        rep = json.loads(report)
+        assert rep["created"] and len(rep["added"]) == tiny_retrieval.IMAGE_COUNT and rep["store"] == "nodes_pg"
+        assert not (comfy.models_dir / "retrieval_stores" / "nodes_pg").exists()  # nothing on disk: it is in the db
+        loaded, summary = comfy.run("CompartmentsRetrievalLoadStore", store=cfg.name, weights="(recorded)")
+        assert json.loads(summary)["backend"] == "postgresql" and json.loads(summary)["items"] == tiny_retrieval.IMAGE_COUNT
+        query = torch.from_numpy(tiny_retrieval.image_array(2)).float()[None] / 255
+        images, ids = comfy.run("CompartmentsRetrievalRetrieve", store=loaded, text="", k=2, visibility="private",
+                                image=query)
+        top = json.loads(ids)["items"][0]
+        assert top["score"] == pytest.approx(1.0, abs=1e-4) and torch.allclose(images[0], query[0], atol=1 / 255)
+        fingerprint = comfy.node("CompartmentsRetrievalLoadStore").fingerprint_inputs(store=cfg.name)
+        _, forgot = comfy.run("CompartmentsRetrievalForget", store=loaded, ids=ids)
+        assert {f["id"] for f in json.loads(forgot)["forgotten"]} == {it["id"] for it in json.loads(ids)["items"]}
+        assert comfy.node("CompartmentsRetrievalLoadStore").fingerprint_inputs(store=cfg.name) != fingerprint
+        (listing,) = comfy.run("CompartmentsRetrievalList", store=loaded, visibility="all")
+        assert top["id"] not in {it["id"] for it in json.loads(listing)["items"]}
+        cfg.write_text(json.dumps({"url": "postgresql://me:sekrit@127.0.0.1:1/x"}))
+        with pytest.raises(ValueError, match="'store'.*password") as err:
+            comfy.run("CompartmentsRetrievalLoadStore", store=cfg.name, weights="(recorded)")
+        assert "sekrit" not in str(err.value)
+    finally:
+        cfg.unlink(missing_ok=True)
+        if PgImageStore.exists(pg_server.url, "nodes_pg"):
+            PgImageStore(pg_server.url, "nodes_pg").drop()

@@ -157,6 +157,8 @@ NOT_DEPENDENCIES = {"torch", "torchvision", "torchaudio", "xformers", "av", "tok
 # Declared, but imported by a dependency rather than by the pack: transformers' SmolVLM processor
 # imports num2words whenever a SmolVLM folder is loaded, and transformers does not require it.
 INDIRECT = {"num2words"}
+# Imported only where an optional feature is used, and declared as an extra: the PostgreSQL store.
+OPTIONAL = {"psycopg"}
 
 
 def test_runtime_dependencies_are_what_the_pack_imports():
@@ -171,7 +173,10 @@ def test_runtime_dependencies_are_what_the_pack_imports():
                 imported.add(DISTRIBUTIONS.get(top, top).lower())
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     declared = {d.split(">")[0].split("=")[0].split("<")[0].strip().lower() for d in meta["project"]["dependencies"]}
-    assert imported - NOT_DEPENDENCIES == declared - INDIRECT, (sorted(imported - NOT_DEPENDENCIES), sorted(declared))
+    assert imported - NOT_DEPENDENCIES - OPTIONAL == declared - INDIRECT, (sorted(imported - NOT_DEPENDENCIES),
+                                                                          sorted(declared))
+    extras = {d.split("[")[0].split(">")[0].strip().lower() for d in meta["project"]["optional-dependencies"]["postgres"]}
+    assert OPTIONAL <= extras
     reqs = {line.split(">")[0].strip().lower() for line in (ROOT / "requirements.txt").read_text().splitlines()
             if line.strip() and not line.startswith("#")}
     assert reqs == declared

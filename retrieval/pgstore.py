@@ -1,0 +1,745 @@
+"""The image store on PostgreSQL + pgvector: the same API and guarantees as :class:`.store.ImageStore`,
+shared by every process and machine that can reach the database.
+
+One store is one schema (``compartments_<name>``) in a database the URL names::
+
+    store = PgImageStore.create("postgresql://me@db:5432/images", "studio", embedder)
+    store = PgImageStore("postgresql://me@db:5432/images", "studio", embedder)
+
+Tables: ``items`` (one row per image, its unit embedding in a ``vector(dim)`` column), ``images``
+(the stored copy as ``bytea``, TOASTed; ``ON DELETE CASCADE`` from its item), ``forgotten``
+(content hashes never to re-add) and ``meta`` (config, write counters, default owner).
+
+Why it is exact: a row and its vector are one tuple, and the copy is deleted by the same
+statement's cascade, so one ``COMMIT`` makes an item, its vector and its copy appear or disappear
+together; no reader (any process, any machine) sees one without the others, and a query that
+starts after a forget commits runs on a snapshot without the item. There is no in-memory index to
+rebuild on open: kNN is SQL (``ORDER BY embedding <=> q``), exact by default, or through an HNSW
+index when the store was created with ``index="hnsw"`` (approximate: see :meth:`query`).
+
+What a forget leaves (PostgreSQL's own behaviour, measured in tests/unit/test_pgstore.py): no
+query, on any connection, can see the item after the commit. On disk, the deleted tuples stay in
+their heap and TOAST pages until ``VACUUM`` prunes them, and pruning frees the space without zeroing
+it: the row's bytes (hash, source path, vector) can remain in the table files until new rows
+overwrite them. Each forget runs ``VACUUM`` on the store's two tables right after its commit (a
+failed vacuum is reported in :attr:`last_vacuum`, never undoes the forget); :meth:`compact`
+(``VACUUM FULL``) rewrites the tables without them. The write-ahead log keeps the bytes until its
+segments are recycled, and backups and replicas are the operator's (README, "Retrieval store").
+
+Passwords are never taken from a workflow or written anywhere: libpq reads them from
+``PGPASSWORD`` or ``~/.pgpass``; every URL this module prints has its password removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import torch
+
+from .credits import check_ref
+from .embed import Embedder
+from .images import copy_name, decode_image, fit, probe_image, sha256_hex, unreadable
+from .items import FILTERS, VISIBILITIES, AddReport, Hit, Item, Progress, StoreError
+
+FORMAT_VERSION = 1
+SCHEMA_PREFIX = "compartments_"
+NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")
+INDEXES = ("exact", "hnsw")
+EMBED_SIDE = 1024  # as the SQLite store: embedding decodes at most this long on a side, a batch at a time
+EMBED_BATCH = 16
+HNSW_EF_SEARCH = 100  # candidates an HNSW scan keeps (pgvector's hnsw.ef_search; its default is 40)
+HNSW_BUILD_MEM = "1GB"  # maintenance_work_mem for building an HNSW index
+HNSW_EF_MAX = 1000  # pgvector's limit for hnsw.ef_search: larger k is answered exactly
+
+_TABLES = """
+CREATE TABLE {s}.meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE {s}.items(
+    id BIGSERIAL PRIMARY KEY,
+    sha256 TEXT COLLATE "C" NOT NULL UNIQUE,
+    path TEXT NOT NULL,
+    file TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    visibility TEXT NOT NULL CHECK (visibility IN ('private', 'public')),
+    added DOUBLE PRECISION NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    embedding vector({dim}) STORAGE PLAIN NOT NULL
+);
+CREATE INDEX ON {s}.items(visibility, owner);
+CREATE TABLE {s}.images(item BIGINT PRIMARY KEY REFERENCES {s}.items(id) ON DELETE CASCADE, data BYTEA NOT NULL);
+CREATE TABLE {s}.forgotten(sha256 TEXT COLLATE "C" PRIMARY KEY, at DOUBLE PRECISION NOT NULL);
+"""
+_COLS = "id, sha256, path, owner, visibility, added, width, height, file"
+
+
+def is_url(ref: str | Path) -> bool:
+    return isinstance(ref, str) and ref.startswith(("postgresql://", "postgres://"))
+
+
+def redact(url: str) -> str:
+    """The URL without its password, in the user part or a ``password=`` parameter (what errors and
+    summaries show)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "postgresql://(unparseable URL)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        user, has_password, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if has_password else f"{user}@{host}"
+    query = "&".join("password=***" if p.lower().startswith("password=") else p for p in parts.query.split("&")) \
+        if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def has_password(url: str) -> bool:
+    """Does the URL carry a password (``user:pw@`` or ``?password=``)?"""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return True
+    userinfo = parts.netloc.rsplit("@", 1)[0] if "@" in parts.netloc else ""
+    return bool(userinfo.partition(":")[2]) or any(p.lower().startswith("password=") for p in parts.query.split("&"))
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise StoreError(f"'{name}' is not a usable store name for PostgreSQL.",
+                         "use lower-case letters, digits and '_', starting with a letter (at most 48).", "store")
+    return name
+
+
+def _psycopg() -> Any:
+    try:
+        import psycopg
+    except ImportError:
+        raise StoreError("the PostgreSQL store needs the psycopg package, which is not installed.",
+                         "pip install 'psycopg[binary]' into ComfyUI's Python (or use a folder store).",
+                         "store") from None
+    return psycopg
+
+
+def _vec_text(v: np.ndarray) -> str:
+    """pgvector's text form of a float32 row; 9 significant digits round-trip a float32 exactly."""
+    return "[" + ",".join(f"{x:.9g}" for x in np.asarray(v, dtype=np.float32).tolist()) + "]"
+
+
+def _vec_parse(text: str) -> np.ndarray:
+    return np.array(json.loads(text), dtype=np.float32)
+
+
+class PgImageStore:
+    """A store in a PostgreSQL database; see the module docstring for the layout and guarantees."""
+
+    backend_name = "postgresql"
+
+    def __init__(self, url: str, name: str, embedder: Embedder | None = None, vacuum: bool = True) -> None:
+        self.url, self.name = url, check_name(name)
+        self.schema = f'"{SCHEMA_PREFIX}{name}"'
+        self.path = Path(name)  # what credit records and reports show as the store's name
+        self.vacuum = vacuum
+        self.last_vacuum: str | None = None
+        self.conn = self._connect(url)
+        try:
+            self._require_vector()
+            if not self._exists():
+                raise StoreError(f"there is no image store '{name}' in {redact(url)}.",
+                                 "build it first (store build --db URL, or Build Image Store with a "
+                                 f"{name}.pgstore.json config).", "store")
+            self.config = json.loads(self._meta("config"))
+            if int(self.config.get("format_version", 0)) != FORMAT_VERSION:
+                raise StoreError(f"store '{name}' has format {self.config.get('format_version')}, not {FORMAT_VERSION}.",
+                                 "rebuild the store with this version.", "store")
+            self.dim = int(self.config["dim"])
+            self.index_kind = self.config.get("index", "exact")
+            self._embedder = embedder
+            if embedder is not None:
+                self._check_embedder(embedder)
+        except BaseException:
+            self.conn.close()
+            raise
+
+    # -- connection ---------------------------------------------------------------------------
+    @staticmethod
+    def _connect(url: str) -> Any:
+        psycopg = _psycopg()
+        try:
+            return psycopg.connect(url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            msg = " ".join(str(exc).split())
+            raise StoreError(f"cannot connect to the store's database {redact(url)}: {redact(msg)[:300]}",
+                             "check the URL (host, port, database, user), that the server is running, and the "
+                             "password in PGPASSWORD or ~/.pgpass (never in the URL of a workflow).", "store") from None
+
+    @contextmanager
+    def _tx(self, what: str, read_only: bool = False) -> Iterator[Any]:
+        """One transaction: a read is one REPEATABLE READ snapshot; a write is READ COMMITTED and holds
+        the store's writer lock (:meth:`_lock`). A broken connection is a clear error."""
+        psycopg = _psycopg()
+        try:
+            with self.conn.transaction():
+                if read_only:
+                    self.conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                else:
+                    self.conn.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                    self._lock()
+                yield self.conn
+        except psycopg.OperationalError as exc:
+            why = " ".join(str(exc).split())[:200]
+            if self.conn.broken or self.conn.closed:
+                raise StoreError(f"the connection to {redact(self.url)} was lost during {what} ({why}); PostgreSQL "
+                                 "rolls back a transaction whose connection breaks, so nothing of it was committed "
+                                 "(unless the break came during the COMMIT itself: list the store to check).",
+                                 "retry when the database is reachable.", "store") from None
+            raise StoreError(f"the database refused {what} ({why}); it was rolled back, nothing was committed.",
+                             "retry; if it persists, ask the database's operator.", "store") from None
+
+    def _lock(self) -> None:
+        """The store's writer lock, until the transaction ends: adds, forgets and visibility changes of
+        all processes take turns, so an add's re-check of forgotten hashes cannot race a forget."""
+        self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
+
+    @property
+    def _lock_key(self) -> int:
+        return int.from_bytes(hashlib.sha256(self.schema.encode()).digest()[:8], "big", signed=True)
+
+    def _require_vector(self) -> None:
+        row = self.conn.execute("SELECT extversion FROM pg_extension WHERE extname='vector'").fetchone()
+        if row is None:
+            raise StoreError(f"the database {redact(self.url)} has no pgvector extension.",
+                             "run CREATE EXTENSION vector; in it (as a superuser or the database owner), or use "
+                             "a server with pgvector installed.", "store")
+
+    def _exists(self) -> bool:
+        return self.conn.execute("SELECT 1 FROM pg_namespace WHERE nspname=%s",
+                                 (SCHEMA_PREFIX + self.name,)).fetchone() is not None
+
+    def _meta(self, key: str) -> str:
+        row = self.conn.execute(f"SELECT value FROM {self.schema}.meta WHERE key=%s", (key,)).fetchone()
+        if row is None:
+            raise StoreError(f"store '{self.name}' has no '{key}' record.", "rebuild the store.", "store")
+        return row[0]
+
+    @classmethod
+    def create(cls, url: str, name: str, embedder: Embedder, index: str = "exact") -> PgImageStore:
+        """Make a new empty store in the database (one transaction: all of it or nothing)."""
+        check_name(name)
+        if index not in INDEXES:
+            raise StoreError(f"unknown index '{index}'.", f"use one of {INDEXES}.", "index")
+        conn = cls._connect(url)
+        psycopg = _psycopg()
+        schema = f'"{SCHEMA_PREFIX}{name}"'
+        try:
+            if conn.execute("SELECT 1 FROM pg_extension WHERE extname='vector'").fetchone() is None:
+                try:
+                    conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+                except psycopg.Error:
+                    raise StoreError(f"the database {redact(url)} has no pgvector extension and this user may "
+                                     "not create it.", "run CREATE EXTENSION vector; in it as a superuser.",
+                                     "store") from None
+            config = {"format_version": FORMAT_VERSION, "backend": "postgresql", "index": index,
+                      "created": time.time(), "model": embedder.describe(), "dim": embedder.dim}
+            try:
+                with conn.transaction():
+                    conn.execute(f"CREATE SCHEMA {schema}")
+                    for stmt in filter(str.strip, _TABLES.format(s=schema, dim=embedder.dim).split(";")):
+                        conn.execute(stmt)
+                    if index == "hnsw":
+                        conn.execute(f"CREATE INDEX items_embedding_hnsw ON {schema}.items USING hnsw "
+                                     "(embedding vector_cosine_ops)")
+                    conn.execute(f"INSERT INTO {schema}.meta(key, value) VALUES (%s, %s), ('generation', '0'), "
+                                 "('revision', '0')", ("config", json.dumps(config)))
+            except (psycopg.errors.DuplicateSchema, psycopg.errors.UniqueViolation):  # (two creators at once)
+                raise StoreError(f"a store named '{name}' already exists in {redact(url)}.",
+                                 "open it, or pick another name.", "store") from None
+        finally:
+            conn.close()
+        return cls(url, name, embedder)
+
+    @classmethod
+    def exists(cls, url: str, name: str) -> bool:
+        """Is there a store ``name`` in the database (a database without pgvector has none)?"""
+        conn = cls._connect(url)
+        try:
+            return conn.execute("SELECT 1 FROM pg_namespace WHERE nspname=%s",
+                                (SCHEMA_PREFIX + check_name(name),)).fetchone() is not None
+        finally:
+            conn.close()
+
+    def drop(self, only_if_unwritten: bool = False) -> bool:
+        """Delete the whole store (schema, rows, vectors, copies) in one transaction; True if dropped.
+
+        ``only_if_unwritten``: only while nothing was ever committed to it (revision 0) - what a failed
+        first build undoes, never a store other workers have started to use meanwhile.
+        """
+        with self._tx("dropping the store"):
+            if only_if_unwritten and self.revision != 0:
+                dropped = False
+            else:
+                self.conn.execute(f"DROP SCHEMA {self.schema} CASCADE")
+                dropped = True
+        self.close()
+        return dropped
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> PgImageStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return int(self.conn.execute(f"SELECT COUNT(*) FROM {self.schema}.items").fetchone()[0])
+
+    @property
+    def generation(self) -> int:
+        return int(self._meta("generation"))
+
+    @property
+    def revision(self) -> int:
+        return int(self._meta("revision"))
+
+    # -- the embedder ---------------------------------------------------------------------------
+    def _check_embedder(self, embedder: Embedder) -> None:
+        want = self.config["model"]
+        if embedder.dim != self.dim or embedder.sha256 != want["weights_sha256"]:
+            raise StoreError(
+                f"store '{self.name}' was built with '{want['weights']}' ({want['name']}, {self.dim}-d, sha256 "
+                f"{want['weights_sha256'][:12]}); '{embedder.weights.name}' ({embedder.dim}-d) is a different model "
+                "and its vectors are not comparable.", f"use '{want['weights']}' or build a new store.", "weights")
+
+    @property
+    def embedder(self) -> Embedder:
+        if self._embedder is None:
+            raise StoreError("this store was opened without an embedder, which text/image queries and adds need.",
+                             f"open it with the weights '{self.config['model']['weights']}'.", "weights")
+        return self._embedder
+
+    def set_embedder(self, embedder: Embedder) -> None:
+        self._check_embedder(embedder)
+        self._embedder = embedder
+
+    def _bump(self, vectors: bool) -> None:
+        keys = ["revision", "generation"] if vectors else ["revision"]
+        self.conn.execute(f"UPDATE {self.schema}.meta SET value=(value::bigint + 1)::text WHERE key = ANY(%s)", (keys,))
+
+    # -- writes ---------------------------------------------------------------------------------
+    def add_folder(self, folder: str | Path, owner: str = "", visibility: str = "private",
+                   recursive: bool = True, progress: Progress | None = None,
+                   allow_forgotten: bool = False) -> AddReport:
+        """Add every image file under ``folder`` (hidden files ignored); see :meth:`add_files`."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise StoreError(f"'{folder}' is not a folder.", "give a folder of images.", "folder")
+        pattern = "**/*" if recursive else "*"
+        files = sorted(p for p in folder.glob(pattern)
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        return self.add_files(files, owner=owner, visibility=visibility, progress=progress,
+                              allow_forgotten=allow_forgotten)
+
+    def add_files(self, files: Sequence[str | Path], owner: str = "", visibility: str = "private",
+                  progress: Progress | None = None, allow_forgotten: bool = False) -> AddReport:
+        """Add images: skips and reports corrupt, duplicate and forgotten files; the rest are embedded
+        (``progress`` per batch; raising from it cancels with nothing written) and committed in one
+        transaction with their copies."""
+        if visibility not in VISIBILITIES:
+            raise StoreError(f"visibility '{visibility}' is not one of {VISIBILITIES}.", "", "visibility")
+        report = AddReport()
+        staged: list[dict] = []
+        seen: set[str] = set()
+        for f in files:
+            f = Path(f)
+            try:
+                data = f.read_bytes()
+            except OSError as exc:
+                report.skipped.append((str(f), f"unreadable: {exc.strerror or exc}"))
+                continue
+            sha = sha256_hex(data)
+            if sha in seen:
+                report.skipped.append((str(f), "duplicate: already in the store"))
+                continue
+            try:
+                fmt, width, height = probe_image(data)
+            except Exception as exc:  # PIL raises many types for bad data; each is a skip
+                report.skipped.append((str(f), unreadable(exc)))
+                continue
+            seen.add(sha)
+            staged.append({"sha": sha, "path": str(f), "data": data, "width": width, "height": height,
+                           "file": copy_name(sha, fmt)})
+        known = self._known([s["sha"] for s in staged])
+        kept = []
+        for s in staged:
+            state = known.get(s["sha"])
+            if state == "stored":
+                report.skipped.append((s["path"], "duplicate: already in the store"))
+            elif state == "forgotten" and not allow_forgotten:
+                report.skipped.append((s["path"], "forgotten earlier: not re-added (allow_forgotten to override)"))
+            else:
+                kept.append(s)
+        kept, vecs = self._embed_staged(kept, progress, report)
+        if kept:
+            psycopg = _psycopg()
+            for attempt in range(3):
+                try:
+                    report.added = self._insert(kept, vecs, owner, visibility, allow_forgotten, report)
+                    break
+                except psycopg.errors.UniqueViolation:  # another process added one of these meanwhile: re-check
+                    if attempt == 2:
+                        raise StoreError("other processes kept adding the same images meanwhile.", "retry the add.",
+                                         "store") from None
+        return report
+
+    def _known(self, shas: list[str]) -> dict[str, str]:
+        if not shas:
+            return {}
+        out = {r[0]: "forgotten" for r in self.conn.execute(
+            f"SELECT sha256 FROM {self.schema}.forgotten WHERE sha256 = ANY(%s)", (shas,))}
+        out.update({r[0]: "stored" for r in self.conn.execute(
+            f"SELECT sha256 FROM {self.schema}.items WHERE sha256 = ANY(%s)", (shas,))})
+        return out
+
+    def _embed_staged(self, staged: list[dict], progress: Progress | None,
+                      report: AddReport) -> tuple[list[dict], np.ndarray]:
+        """Decode (bounded size) and embed one batch at a time; images failing to decode are skipped."""
+        kept: list[dict] = []
+        out, total = [], len(staged)
+        for start in range(0, total, EMBED_BATCH):
+            batch, pixels = [], []
+            for s in staged[start:start + EMBED_BATCH]:
+                try:
+                    pixels.append(decode_image(s["data"], EMBED_SIDE)[0])
+                    batch.append(s)
+                except Exception as exc:  # every decoding failure is a skip
+                    report.skipped.append((s["path"], unreadable(exc)))
+            if pixels:
+                out.append(self.embedder.embed_images(pixels, batch_size=EMBED_BATCH))
+                kept += batch
+            del pixels
+            if progress is not None:
+                progress(min(start + EMBED_BATCH, total), total)
+        return kept, (np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32))
+
+    def _insert(self, staged: list[dict], vecs: np.ndarray, owner: str, visibility: str, allow_forgotten: bool,
+                report: AddReport) -> list[int]:
+        """One transaction: rows with their vectors, then their copies; items another process added or
+        forgot meanwhile are skipped and reported, never duplicated or brought back."""
+        now = time.time()
+        skipped = len(report.skipped)
+        with self._tx("the add"):
+            del report.skipped[skipped:]  # a retried attempt reports afresh
+            # under the writer lock, and READ COMMITTED gives this statement a fresh snapshot: a forget or add
+            # another process committed while this one was embedding is seen here, and none can commit until
+            # this transaction ends
+            known = self._known([s["sha"] for s in staged])
+            todo = [(s, v) for s, v in zip(staged, vecs, strict=True)
+                    if known.get(s["sha"]) is None or (known[s["sha"]] == "forgotten" and allow_forgotten)]
+            for s, _ in zip(staged, vecs, strict=True):
+                if known.get(s["sha"]) == "stored":
+                    report.skipped.append((s["path"], "duplicate: added meanwhile by another process"))
+                elif known.get(s["sha"]) == "forgotten" and not allow_forgotten:
+                    report.skipped.append((s["path"], "forgotten meanwhile by another process: not added"))
+            if not todo:
+                return []
+            ids = [r[0] for r in self.conn.execute(
+                "SELECT nextval(pg_get_serial_sequence(%s, 'id')) FROM generate_series(1, %s)",
+                (f"{self.schema}.items", len(todo)))]
+            with self.conn.cursor() as cur:
+                with cur.copy(f"COPY {self.schema}.items(id, sha256, path, file, owner, visibility, added, width, "
+                              "height, embedding) FROM STDIN") as copy:
+                    for i, (s, v) in zip(ids, todo, strict=True):
+                        copy.write_row((i, s["sha"], s["path"], s["file"], owner, visibility, now, s["width"],
+                                        s["height"], _vec_text(v)))
+                with cur.copy(f"COPY {self.schema}.images(item, data) FROM STDIN") as copy:
+                    for i, (s, _) in zip(ids, todo, strict=True):
+                        copy.write_row((i, s["data"]))
+            if allow_forgotten:
+                self.conn.execute(f"DELETE FROM {self.schema}.forgotten WHERE sha256 = ANY(%s)",
+                                  ([s["sha"] for s, _ in todo],))
+            self._bump(vectors=True)
+        return ids
+
+    def _exists_ref(self, ref: int | str) -> bool:
+        ref = check_ref(ref, "ids")
+        if isinstance(ref, int):
+            sql, arg = f"SELECT 1 FROM {self.schema}.items WHERE id=%s", ref
+        else:
+            return self.conn.execute(f"SELECT 1 FROM {self.schema}.items WHERE sha256 >= %s AND sha256 < %s LIMIT 1",
+                                     (ref, ref + "g")).fetchone() is not None
+        return self.conn.execute(sql, (arg,)).fetchone() is not None
+
+    def _resolve(self, refs: Iterable[int | str], field_name: str) -> list[int]:
+        """Ids or sha256 hex strings (full, or a unique prefix of 8+) -> existing row ids."""
+        out: list[int] = []
+        for raw in refs:
+            ref = check_ref(raw, field_name)
+            if isinstance(ref, int):
+                if self.conn.execute(f"SELECT 1 FROM {self.schema}.items WHERE id=%s", (ref,)).fetchone() is None:
+                    raise StoreError(f"no item with id {ref} in the store.", "list the store to see the ids it holds.",
+                                     field_name)
+                out.append(ref)
+                continue
+            # a hex prefix as a range: the "C"-collated unique index serves it (LIKE would scan)
+            rows = self.conn.execute(f"SELECT id FROM {self.schema}.items WHERE sha256 >= %s AND sha256 < %s LIMIT 2",
+                                     (ref, ref + "g")).fetchall()
+            if len(rows) != 1:
+                raise StoreError(f"sha256 '{ref}' matches {len(rows)} items.",
+                                 "give the full hash or an id." if rows else "list the store to see its hashes.",
+                                 field_name)
+            out.append(int(rows[0][0]))
+        return sorted(set(out))
+
+    def forget(self, refs: Iterable[int | str], missing_ok: bool = False) -> list[Item]:
+        """Delete items by id or sha256: row, vector and stored copy in one transaction, then VACUUM.
+
+        ``missing_ok`` makes a repeated request for an item already gone a no-op (requests get retried).
+        """
+        refs = list(refs)
+        if not refs:
+            raise StoreError("nothing to forget: no ids or hashes given.", "give ids or sha256 hashes.", "ids")
+        if missing_ok:
+            refs = [r for r in refs if self._exists_ref(r)]
+            if not refs:
+                return []
+        ids = self._resolve(refs, "ids")
+        with self._tx("the forget"):
+            rows = self.conn.execute(f"DELETE FROM {self.schema}.items WHERE id = ANY(%s) RETURNING {_COLS}",
+                                     (ids,)).fetchall()
+            if len(rows) != len(ids):
+                if not missing_ok:
+                    raise StoreError("some of these items were forgotten meanwhile (another process).",
+                                     "list the store and retry.", "ids")
+            if rows:
+                self.conn.execute(f"INSERT INTO {self.schema}.forgotten(sha256, at) SELECT unnest(%s::text[]), %s "
+                                  "ON CONFLICT (sha256) DO UPDATE SET at = EXCLUDED.at",
+                                  ([r[1] for r in rows], time.time()))
+                self._bump(vectors=True)
+        if rows and self.vacuum:
+            self._vacuum()
+        by_id = {r[0]: Item(*r) for r in rows}
+        return [by_id[i] for i in ids if i in by_id]
+
+    def _vacuum(self) -> None:
+        """Remove the dead tuples the forget left (heap and TOAST pages); outside any transaction."""
+        psycopg = _psycopg()
+        try:
+            self.conn.execute(f"VACUUM {self.schema}.images, {self.schema}.items")
+            self.last_vacuum = None
+        except psycopg.Error as exc:  # the forget is committed; the dead tuples wait for autovacuum
+            self.last_vacuum = f"VACUUM after the forget failed: {' '.join(str(exc).split())[:200]}"
+
+    def add_index(self, kind: str = "hnsw") -> None:
+        """Build an HNSW index over the embeddings of an existing store (queries then use it)."""
+        if kind != "hnsw":
+            raise StoreError(f"unknown index '{kind}'.", "use 'hnsw'.", "index")
+        with self._tx("building the index"):
+            # the build is fast only while the graph fits maintenance_work_mem (64 MB by default: about
+            # 25k 512-d vectors); this transaction allows more, the server's own limits still apply
+            self.conn.execute(f"SET LOCAL maintenance_work_mem = '{HNSW_BUILD_MEM}'")
+            self.conn.execute(f"CREATE INDEX IF NOT EXISTS items_embedding_hnsw ON {self.schema}.items "
+                              "USING hnsw (embedding vector_cosine_ops)")
+            self.config["index"] = kind
+            self.conn.execute(f"UPDATE {self.schema}.meta SET value=%s WHERE key='config'", (json.dumps(self.config),))
+        self.index_kind = kind
+
+    def compact(self) -> None:
+        """Rewrite the store's tables without the dead tuples of forgotten items (VACUUM FULL).
+
+        A plain VACUUM (what every forget runs) makes their space reusable but does not zero it: the
+        row's bytes (hash, source path, vector) and the copy's TOAST chunks can stay in the table files
+        until new rows overwrite them. This rewrites ``items`` and ``images`` into new files and deletes
+        the old ones; it takes the tables' exclusive lock for a time proportional to the store's size.
+        """
+        psycopg = _psycopg()
+        try:
+            self.conn.execute(f"VACUUM FULL {self.schema}.images, {self.schema}.items")
+        except psycopg.OperationalError as exc:
+            raise StoreError(f"the connection to {redact(self.url)} was lost during the compaction "
+                             f"({' '.join(str(exc).split())[:200]}); the tables are as they were.",
+                             "retry when the database is reachable.", "store") from None
+
+    def set_visibility(self, refs: Iterable[int | str], visibility: str) -> list[int]:
+        if visibility not in VISIBILITIES:
+            raise StoreError(f"visibility '{visibility}' is not one of {VISIBILITIES}.", "", "visibility")
+        ids = self._resolve(refs, "ids")
+        with self._tx("the visibility change"):
+            self.conn.execute(f"UPDATE {self.schema}.items SET visibility=%s WHERE id = ANY(%s)", (visibility, ids))
+            self._bump(vectors=False)
+        return ids
+
+    # -- reads ----------------------------------------------------------------------------------
+    def get(self, ids: Iterable[int]) -> list[Item]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            return []
+        rows = self.conn.execute(f"SELECT {_COLS} FROM {self.schema}.items WHERE id = ANY(%s)",
+                                 (sorted(set(ids)),)).fetchall()
+        by_id = {r[0]: Item(*r) for r in rows}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise StoreError(f"ids {missing} are not in the store (forgotten or never added).", "", "ids")
+        return [by_id[i] for i in ids]
+
+    def list(self, visibility: str = "all") -> list[Item]:
+        where, args = self._filter(visibility)
+        rows = self.conn.execute(f"SELECT {_COLS} FROM {self.schema}.items {where} ORDER BY id", args).fetchall()
+        return [Item(*r) for r in rows]
+
+    def _filter(self, visibility: str) -> tuple[str, list]:
+        if visibility not in FILTERS:
+            raise StoreError(f"visibility filter '{visibility}' is not one of {FILTERS}.", "", "visibility")
+        return ("", []) if visibility == "all" else ("WHERE visibility=%s", [visibility])
+
+    def set_default_owner(self, owner: str) -> None:
+        self.conn.execute(f"INSERT INTO {self.schema}.meta(key, value) VALUES ('owner', %s) "
+                          "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (owner,))
+
+    def default_owner(self) -> str | None:
+        row = self.conn.execute(f"SELECT value FROM {self.schema}.meta WHERE key='owner'").fetchone()
+        if row is not None:
+            return row[0]
+        owners = [r[0] for r in self.conn.execute(
+            f"SELECT DISTINCT owner FROM {self.schema}.items WHERE visibility='private'")]
+        return owners[0] if len(owners) == 1 else ("" if not owners else None)
+
+    def _scope(self, visibility: str, owner: str | None) -> tuple[str, list]:
+        if visibility == "public" or visibility not in FILTERS:
+            return self._filter(visibility)
+        who = owner if owner else self.default_owner()
+        if who is None:
+            owners = sorted(r[0] for r in self.conn.execute(
+                f"SELECT DISTINCT owner FROM {self.schema}.items WHERE visibility='private'"))
+            raise StoreError(f"the store holds private images of several owners ({', '.join(map(repr, owners))}) "
+                             "and none is its default.", "say whose private images to retrieve: set owner.", "owner")
+        if visibility == "private":
+            return "WHERE visibility='private' AND owner=%s", [who]
+        return "WHERE visibility='public' OR (visibility='private' AND owner=%s)", [who]
+
+    def summary(self) -> dict:
+        with self._tx("the summary", read_only=True):  # one snapshot for every figure
+            return self._summary()
+
+    def _summary(self) -> dict:
+        counts = dict(self.conn.execute(
+            f"SELECT visibility, COUNT(*) FROM {self.schema}.items GROUP BY visibility").fetchall())
+        return {"path": self.name, "backend": "postgresql", "database": redact(self.url), "index": self.index_kind,
+                "items": len(self), "public": counts.get("public", 0), "private": counts.get("private", 0),
+                "model": self.config["model"]["name"], "weights": self.config["model"]["weights"], "dim": self.dim,
+                "generation": self.generation,
+                "forgotten": int(self.conn.execute(f"SELECT COUNT(*) FROM {self.schema}.forgotten").fetchone()[0])}
+
+    def query_vector(self, text: str | None = None, image: torch.Tensor | None = None) -> np.ndarray:
+        has_text = bool(text and text.strip())
+        if has_text == (image is not None):
+            raise StoreError("give exactly one query: a text or an image.",
+                             "fill the text or connect an image, not both." if has_text else "type a text or connect an image.",
+                             "query")
+        if has_text:
+            return self.embedder.embed_texts([text.strip()])
+        vecs = self.embedder.embed_images(image)
+        mean = vecs.mean(axis=0, keepdims=True)
+        return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+
+    def query(self, text: str | None = None, image: torch.Tensor | None = None, k: int = 4,
+              visibility: str = "private", owner: str | None = None, exact: bool | None = None) -> list[Hit]:
+        """The ``k`` nearest items (cosine) with the given visibility, from one snapshot.
+
+        Exact (a scan) unless the store has an HNSW index and ``exact`` is not True. HNSW trades
+        recall for speed: it returns the nearest of about ``HNSW_EF_SEARCH`` candidates it visits,
+        which need not be the true top-k; with a visibility / owner filter it may find fewer than
+        ``k``, and then the query is answered exactly instead.
+        """
+        if k < 1:
+            raise StoreError(f"k={k}: ask for at least one image.", "set k >= 1.", "k")
+        return self.query_by_vector(self.query_vector(text, image)[0], k, visibility, owner, exact)
+
+    def query_by_vector(self, vector: np.ndarray, k: int = 4, visibility: str = "private",
+                        owner: str | None = None, exact: bool | None = None) -> list[Hit]:
+        """:meth:`query` for an embedding already computed (a unit vector of the store's dimension)."""
+        if k < 1:
+            raise StoreError(f"k={k}: ask for at least one image.", "set k >= 1.", "k")
+        q = _vec_text(vector)
+        where, args = self._scope(visibility, owner)
+        approximate = self.index_kind == "hnsw" and exact is not True and k <= HNSW_EF_MAX
+        # the HNSW index serves ORDER BY distance alone; the exact scan also orders ties by id
+        sql = (f"SELECT {_COLS}, 1 - (embedding <=> %s::vector) FROM {self.schema}.items {where} "
+               "ORDER BY embedding <=> %s::vector{tie} LIMIT %s")
+        with self._tx("the query", read_only=True):
+            rows: list = []
+            if approximate:
+                self.conn.execute(f"SET LOCAL hnsw.ef_search = {min(HNSW_EF_MAX, max(HNSW_EF_SEARCH, k))}")
+                rows = self.conn.execute(sql.format(tie=""), [q, *args, q, k]).fetchall()
+            if len(rows) < k:  # exact: no index, or HNSW's candidates held too few visible items
+                self.conn.execute("SET LOCAL enable_indexscan = off")
+                rows = self.conn.execute(sql.format(tie=", id"), [q, *args, q, k]).fetchall()
+            if len(rows) < k:  # fewer visible items than asked: say which (counted only then)
+                self._too_few(k, visibility, where, args)
+        return [Hit(*r[:9], score=float(r[9])) for r in rows]
+
+    def _too_few(self, k: int, visibility: str, where: str, args: list) -> None:
+        total = len(self)
+        if total == 0:
+            raise StoreError("the store is empty.", "add images to it first.", "store")
+        visible = int(self.conn.execute(f"SELECT COUNT(*) FROM {self.schema}.items {where}", args).fetchone()[0])
+        whose = f" of owner {args[0]!r}" if args else ""
+        if visible == 0:
+            raise StoreError(f"the store holds {total} images but none is {visibility}{whose}.",
+                             "mark some images " + visibility + ", change the visibility filter or the owner.",
+                             "visibility")
+        raise StoreError(f"k={k} but only {visible} {'' if visibility == 'all' else visibility + ' '}images"
+                         f"{whose} are in the store.", f"set k <= {visible}.", "k")
+
+    def load_images(self, hits: Sequence[Item], size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Stored copies as one ComfyUI IMAGE [B, H, W, 3] float 0..1 (cover-resized to one size)."""
+        if not hits:
+            raise StoreError("no hits to load.", "query with k >= 1 first.", "hits")
+        data = dict(self.conn.execute(f"SELECT item, data FROM {self.schema}.images WHERE item = ANY(%s)",
+                                      ([h.id for h in hits],)).fetchall())
+        imgs = []
+        for h in hits:
+            if h.id not in data:
+                raise StoreError(f"image {h.id} ({h.sha256[:12]}) is no longer in the store.",
+                                 "query again: it was forgotten.", "hits")
+            imgs.append(decode_image(bytes(data[h.id]))[0])
+        th, tw = size or tuple(imgs[0].shape[:2])
+        return torch.stack([fit(im, th, tw) for im in imgs])
+
+    def image_embeddings(self, ids: Sequence[int]) -> torch.Tensor:
+        """Stored unit image embeddings [N, dim] float32 for these ids (in that order)."""
+        ids = [int(i) for i in ids]
+        self.get(ids)
+        if not ids:
+            return torch.zeros((0, self.dim), dtype=torch.float32)
+        rows = dict(self.conn.execute(f"SELECT id, embedding::text FROM {self.schema}.items WHERE id = ANY(%s)",
+                                      (sorted(set(ids)),)).fetchall())
+        missing = [i for i in ids if i not in rows]
+        if missing:  # forgotten between the two reads (another process)
+            raise StoreError(f"ids {missing} are not in the store (forgotten or never added).", "", "ids")
+        return torch.from_numpy(np.stack([_vec_parse(rows[i]) for i in ids]))
+
+
+def pg_revision(url: str, name: str) -> int | None:
+    """The store's write counter, one short query (a cache key for nodes); None if there is no such
+    store. An unreachable database is a StoreError (a cache key must not say "unchanged" then)."""
+    psycopg = _psycopg()
+    schema = SCHEMA_PREFIX + check_name(name)
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+            if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname=%s", (schema,)).fetchone() is None:
+                return None
+            row = conn.execute(f'SELECT value FROM "{schema}".meta WHERE key=%s', ("revision",)).fetchone()
+    except psycopg.Error as exc:
+        raise StoreError(f"cannot read store '{name}' in {redact(url)}: {redact(' '.join(str(exc).split()))[:200]}",
+                         "check that the database is reachable.", "store") from None
+    return int(row[0]) if row else None
