@@ -252,9 +252,10 @@ def test(args: list[str]) -> int:
     if not base_py.is_file():
         say(f"{BASE_VENV} is missing: run scripts/setup.sh first")
         return 2
-    # Schedule, for 2 cores and 24 GB: tier 1 beside the first release's tier 2 (in-process, about 13 GB),
-    # then the next releases' tier 2 one at a time, then the server tiers of every release at once (a
-    # server and a browser each, about 8 GB). The tiers wait on servers and browsers about half the time.
+    # Schedule, for 2 cores and 24 GB: tier 1 beside the first release's tier 2 (in-process, about 13 GB;
+    # it waits on disk and single-threaded work about half the time), then the next releases' tier 2, then
+    # each release's server tiers in turn (measured 2026-12-03: running two releases' server tiers at once
+    # took 23+ minutes against about 17 in turn: both are CPU-bound there).
     runs: list[_Run] = []
     for host in hosts():
         label = f"ComfyUI {host.version} ({host.name})"
@@ -278,9 +279,8 @@ def test(args: list[str]) -> int:
             run.start(PHASES_2_3[0], args, env)
             run.wait()
         unit_result = unit.result()
-        for run in runs:
+        for run in runs:  # one at a time: two releases' server tiers at once took 1.5x longer than in turn
             run.start(PHASES_2_3[1], args, env)
-        for run in runs:
             run.wait()
         results.insert(0, unit_result)
         results += [run.result() for run in runs]
