@@ -45,6 +45,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import torch
 
+from .common import StoreCommon
 from .credits import check_ref
 from .embed import Embedder
 from .images import copy_name, decode_image, fit, probe_image, sha256_hex, unreadable
@@ -54,8 +55,6 @@ FORMAT_VERSION = 1
 SCHEMA_PREFIX = "compartments_"
 NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,47}")
 INDEXES = ("exact", "hnsw")
-EMBED_SIDE = 1024  # as the SQLite store: embedding decodes at most this long on a side, a batch at a time
-EMBED_BATCH = 16
 HNSW_EF_SEARCH = 100  # candidates an HNSW scan keeps (pgvector's hnsw.ef_search; its default is 40)
 HNSW_BUILD_MEM = "1GB"  # maintenance_work_mem for building an HNSW index
 HNSW_EF_MAX = 1000  # pgvector's limit for hnsw.ef_search: larger k is answered exactly
@@ -138,7 +137,7 @@ def _vec_parse(text: str) -> np.ndarray:
     return np.array(json.loads(text), dtype=np.float32)
 
 
-class PgImageStore:
+class PgImageStore(StoreCommon):
     """A store in a PostgreSQL database; see the module docstring for the layout and guarantees."""
 
     backend_name = "postgresql"
@@ -327,28 +326,11 @@ class PgImageStore:
                              f"open it with the weights '{self.config['model']['weights']}'.", "weights")
         return self._embedder
 
-    def set_embedder(self, embedder: Embedder) -> None:
-        self._check_embedder(embedder)
-        self._embedder = embedder
-
     def _bump(self, vectors: bool) -> None:
         keys = ["revision", "generation"] if vectors else ["revision"]
         self.conn.execute(f"UPDATE {self.schema}.meta SET value=(value::bigint + 1)::text WHERE key = ANY(%s)", (keys,))
 
     # -- writes ---------------------------------------------------------------------------------
-    def add_folder(self, folder: str | Path, owner: str = "", visibility: str = "private",
-                   recursive: bool = True, progress: Progress | None = None,
-                   allow_forgotten: bool = False) -> AddReport:
-        """Add every image file under ``folder`` (hidden files ignored); see :meth:`add_files`."""
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise StoreError(f"'{folder}' is not a folder.", "give a folder of images.", "folder")
-        pattern = "**/*" if recursive else "*"
-        files = sorted(p for p in folder.glob(pattern)
-                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-        return self.add_files(files, owner=owner, visibility=visibility, progress=progress,
-                              allow_forgotten=allow_forgotten)
-
     def add_files(self, files: Sequence[str | Path], owner: str = "", visibility: str = "private",
                   progress: Progress | None = None, allow_forgotten: bool = False) -> AddReport:
         """Add images: skips and reports corrupt, duplicate and forgotten files; the rest are embedded
@@ -409,27 +391,6 @@ class PgImageStore:
         out.update({r[0]: "stored" for r in self.conn.execute(
             f"SELECT sha256 FROM {self.schema}.items WHERE sha256 = ANY(%s)", (shas,))})
         return out
-
-    def _embed_staged(self, staged: list[dict], progress: Progress | None,
-                      report: AddReport) -> tuple[list[dict], np.ndarray]:
-        """Decode (bounded size) and embed one batch at a time; images failing to decode are skipped."""
-        kept: list[dict] = []
-        out, total = [], len(staged)
-        for start in range(0, total, EMBED_BATCH):
-            batch, pixels = [], []
-            for s in staged[start:start + EMBED_BATCH]:
-                try:
-                    pixels.append(decode_image(s["data"], EMBED_SIDE)[0])
-                    batch.append(s)
-                except Exception as exc:  # every decoding failure is a skip
-                    report.skipped.append((s["path"], unreadable(exc)))
-            if pixels:
-                out.append(self.embedder.embed_images(pixels, batch_size=EMBED_BATCH))
-                kept += batch
-            del pixels
-            if progress is not None:
-                progress(min(start + EMBED_BATCH, total), total)
-        return kept, (np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32))
 
     def _insert(self, staged: list[dict], vecs: np.ndarray, owner: str, visibility: str, allow_forgotten: bool,
                 report: AddReport) -> list[int]:
@@ -638,18 +599,6 @@ class PgImageStore:
                 "model": self.config["model"]["name"], "weights": self.config["model"]["weights"], "dim": self.dim,
                 "generation": self.generation,
                 "forgotten": int(self.conn.execute(f"SELECT COUNT(*) FROM {self.schema}.forgotten").fetchone()[0])}
-
-    def query_vector(self, text: str | None = None, image: torch.Tensor | None = None) -> np.ndarray:
-        has_text = bool(text and text.strip())
-        if has_text == (image is not None):
-            raise StoreError("give exactly one query: a text or an image.",
-                             "fill the text or connect an image, not both." if has_text else "type a text or connect an image.",
-                             "query")
-        if has_text:
-            return self.embedder.embed_texts([text.strip()])
-        vecs = self.embedder.embed_images(image)
-        mean = vecs.mean(axis=0, keepdims=True)
-        return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
 
     def query(self, text: str | None = None, image: torch.Tensor | None = None, k: int = 4,
               visibility: str = "private", owner: str | None = None, exact: bool | None = None) -> list[Hit]:

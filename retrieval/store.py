@@ -37,7 +37,8 @@ later folder rebuild.
 Modules: this one is the SQLite + faiss backend (the schema, the transactions, the folder's
 writer lock and :class:`ImageStore`), with :mod:`.slots` (``vectors.f32``) and :mod:`.index`
 (the in-memory index). What does not depend on the backend lives beside it, for a second one
-to share: :mod:`.items` (Item, Hit, AddReport, StoreError), :mod:`.images` (decoding, hashing,
+to share: :mod:`.common` (folder reading, bounded embedding, the query vector), :mod:`.items` (Item, Hit,
+AddReport, StoreError), :mod:`.images` (decoding, hashing,
 the copies) and :mod:`.credits` (the credit record and the references read from it).
 """
 
@@ -65,6 +66,7 @@ import numpy as np
 import torch
 
 from ..atomic import sweep_stale
+from .common import EMBED_BATCH, EMBED_SIDE, StoreCommon
 from .credits import attribution, check_ref, parse_refs
 from .embed import Embedder
 from .images import copies_written, copy_name, decode_image, fit, probe_image, sha256_hex, unreadable
@@ -83,11 +85,6 @@ IMAGE_DIR = "images"
 VECTORS_NAME = "vectors.f32"
 LOCK_NAME = "write.lock"
 
-# Embedding needs far less than a 6000x6000 photo (open_clip sees 224 px): images are decoded
-# for it at most this long on a side, one batch at a time, so a folder of huge images costs one
-# batch of small ones in memory. The stored copy keeps the original bytes.
-EMBED_SIDE = 1024
-EMBED_BATCH = 16
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS items(
@@ -173,7 +170,7 @@ def _writer_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
         lock.close()
 
 
-class ImageStore:
+class ImageStore(StoreCommon):
     """An on-disk image store folder; see the module docstring for the API and guarantees."""
 
     def __init__(self, path: str | Path, embedder: Embedder | None = None) -> None:
@@ -380,29 +377,12 @@ class ImageStore:
                              "weights")
         return self._embedder
 
-    def set_embedder(self, embedder: Embedder) -> None:
-        self._check_embedder(embedder)
-        self._embedder = embedder
-
     # -- writes ---------------------------------------------------------------------------
     def _bump(self, vectors: bool) -> None:
         """Inside a write transaction: count the write (revision) and, if vectors changed, the generation."""
         if vectors:
             self.db.execute("UPDATE meta SET value=CAST(value AS INTEGER)+1 WHERE key='generation'")
         self.db.execute("UPDATE meta SET value=CAST(value AS INTEGER)+1 WHERE key='revision'")
-
-    def add_folder(self, folder: str | Path, owner: str = "", visibility: str = "private",
-                   recursive: bool = True, progress: Progress | None = None,
-                   allow_forgotten: bool = False) -> AddReport:
-        """Add every image file under ``folder`` (hidden files ignored); see :meth:`add_files`."""
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise StoreError(f"'{folder}' is not a folder.", "give a folder of images.", "folder")
-        pattern = "**/*" if recursive else "*"
-        files = sorted(p for p in folder.glob(pattern)
-                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-        return self.add_files(files, owner=owner, visibility=visibility, progress=progress,
-                              allow_forgotten=allow_forgotten)
 
     def add_files(self, files: Sequence[str | Path], owner: str = "", visibility: str = "private",
                   progress: Progress | None = None, allow_forgotten: bool = False) -> AddReport:
@@ -446,31 +426,6 @@ class ImageStore:
         with _writer_lock(self.path), copies_written(self.path, [(s["file"], s["data"]) for s in staged]):
             report.added = self._insert(staged, vecs, owner, visibility)
         return report
-
-    def _embed_staged(self, staged: list[dict], progress: Progress | None,
-                      report: AddReport) -> tuple[list[dict], np.ndarray]:
-        """Decode (at most EMBED_SIDE on a side) and embed one batch at a time: bounded memory.
-
-        This is each image's only full decode: one that fails here (damage ``verify()`` cannot
-        see) is skipped and reported like any unreadable file. Returns the kept items and vectors.
-        """
-        kept: list[dict] = []
-        out, total = [], len(staged)
-        for start in range(0, total, EMBED_BATCH):
-            batch, pixels = [], []
-            for s in staged[start:start + EMBED_BATCH]:
-                try:
-                    pixels.append(decode_image(s["data"], EMBED_SIDE)[0])
-                    batch.append(s)
-                except Exception as exc:  # as in add_files: every decoding failure is a skip
-                    report.skipped.append((s["path"], unreadable(exc)))
-            if pixels:
-                out.append(self.embedder.embed_images(pixels, batch_size=EMBED_BATCH))
-                kept += batch
-            del pixels
-            if progress is not None:
-                progress(min(start + EMBED_BATCH, total), total)
-        return kept, (np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32))
 
     def _insert(self, staged: list[dict], vecs: np.ndarray, owner: str, visibility: str) -> list[int]:
         """One transaction: vectors into free slots (fsynced), then the rows naming them, commit."""
@@ -647,19 +602,6 @@ class ImageStore:
                 "weights": self.config["model"]["weights"], "dim": self.dim, "generation": self.generation,
                 "slots": self._nslots, "free_slots": len(self._free),
                 "forgotten": int(self.db.execute("SELECT COUNT(*) FROM forgotten").fetchone()[0])}
-
-    def query_vector(self, text: str | None = None, image: torch.Tensor | None = None) -> np.ndarray:
-        """The unit query vector [1, dim] for a text or an IMAGE batch (batch: mean embedding)."""
-        has_text = bool(text and text.strip())
-        if has_text == (image is not None):
-            raise StoreError("give exactly one query: a text or an image.",
-                             "fill the text or connect an image, not both." if has_text else "type a text or connect an image.",
-                             "query")
-        if has_text:
-            return self.embedder.embed_texts([text.strip()])
-        vecs = self.embedder.embed_images(image)
-        mean = vecs.mean(axis=0, keepdims=True)
-        return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
 
     def query(self, text: str | None = None, image: torch.Tensor | None = None, k: int = 4,
               visibility: str = "private", owner: str | None = None) -> list[Hit]:
