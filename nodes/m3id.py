@@ -197,6 +197,13 @@ def _common_inputs(default_prompt: str = "Describe this image in detail.") -> li
         io.Image.Input("images", tooltip="Every image of the batch is captioned."),
         io.String.Input("prompt", default=default_prompt, multiline=True,
                         tooltip="What the caption answers, e.g. 'Describe this image in detail.'"),
+        *_decoding_inputs(),
+    ]
+
+
+def _decoding_inputs() -> list:
+    """Caption length, greedy / seeded sampling, batch size: the same on every caption node."""
+    return [
         io.Int.Input("max_tokens", default=64, min=1, max=1024, tooltip="Maximum caption length in tokens."),
         io.Combo.Input("decoding", options=["greedy", "sample"], default="greedy",
                        tooltip="greedy: the most likely token each step; sample: seeded sampling."),
@@ -319,13 +326,7 @@ class CaptionFolder(io.ComfyNode):
                 io.Boolean.Input("recursive", default=False, tooltip="Also caption images in subfolders."),
                 io.Boolean.Input("overwrite", default=False,
                                  tooltip="Caption images that already have a .txt again (off: resume)."),
-                io.Int.Input("max_tokens", default=64, min=1, max=1024, tooltip="Maximum caption length in tokens."),
-                io.Combo.Input("decoding", options=["greedy", "sample"], default="greedy",
-                               tooltip="greedy: the most likely token each step; sample: seeded sampling."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Used when decoding is 'sample'."),
-                io.Int.Input("chunk_size", default=4, min=1, max=64,
-                             tooltip="Images captioned together; halved automatically when memory runs out."),
+                *_decoding_inputs(),
                 io.Float.Input("lambda_", display_name="lambda", default=0.02, min=0.0, max=1.0, step=0.005,
                                tooltip="M3ID only: growth of the image weight with the token index."),
                 io.Float.Input("alpha", default=0.3, min=0.0, max=1.0, step=0.01,
