@@ -18,16 +18,6 @@ from compartments.retrieval.pgstore import redact
 from compartments.tiny import retrieval as tiny_retrieval
 
 
-@pytest.fixture(scope="module")
-def embedder() -> Embedder:
-    return Embedder(tiny_retrieval.clip_weights())
-
-
-@pytest.fixture(scope="module")
-def folder():
-    return tiny_retrieval.images_folder()
-
-
 @pytest.fixture
 def url(pg_server):
     return pg_server.url

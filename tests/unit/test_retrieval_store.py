@@ -23,16 +23,6 @@ from compartments.retrieval.store import DB_NAME, VECTORS_NAME
 from compartments.tiny import retrieval as tiny_retrieval
 
 
-@pytest.fixture(scope="module")
-def embedder() -> Embedder:
-    return Embedder(tiny_retrieval.clip_weights())
-
-
-@pytest.fixture(scope="module")
-def folder():
-    return tiny_retrieval.images_folder()
-
-
 @pytest.fixture
 def store(tmp_path, embedder, folder):
     s = ImageStore.create(tmp_path / "store", embedder)

@@ -20,16 +20,6 @@ BACKENDS = ["folder", "postgresql"]
 _names = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def embedder() -> Embedder:
-    return Embedder(tiny_retrieval.clip_weights())
-
-
-@pytest.fixture(scope="module")
-def folder():
-    return tiny_retrieval.images_folder()
-
-
 @pytest.fixture(params=BACKENDS)
 def make(request, tmp_path):
     """``make(tag) -> StoreRef``: a new, not yet created store on this test's backend."""
