@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import replacing
+from ..atomic import link_or_copy, replacing
 from ..errors import CompartmentsError
 from . import exact, idcache
 from .layout import WHOLE, KeyLayout, layout_of
@@ -173,11 +172,11 @@ def copy_soup(src: str | os.PathLike, target: str | os.PathLike, check: Callable
             raise SoupError(f"the exact-sum data of {src.name} is missing: {side.name} is not beside it; "
                             "nothing was copied. Rebuild the soup from its members.")
         with replacing(exact.sidecar_path(target, man.exact_data["uid"]), suffix=".partial") as tmp:
-            shutil.copyfile(side, tmp)
+            link_or_copy(side, tmp)
     if check:
         check()
     with replacing(target, suffix=".partial") as tmp:
-        shutil.copyfile(src, tmp)
+        link_or_copy(src, tmp)
     _drop_stale_sidecars(target, man)
     return man
 

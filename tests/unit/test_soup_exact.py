@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import shutil
 from fractions import Fraction
 from pathlib import Path
@@ -274,6 +275,30 @@ def test_copy_soup_takes_the_sidecar_along(members, tmp_path):
     assert_same_soup(kept, ref)
     assert sorted(p.name for p in kept.parent.iterdir()) == sorted([kept.name, sidecar(kept).name])
 
+
+
+def test_copy_soup_links_on_one_filesystem_and_copies_across(members, tmp_path, monkeypatch):
+    """Save Soup of a multi-GB soup is a hard link where it can be (no second copy written); a
+    later rewrite of the source (always by rename) leaves the saved soup as it was."""
+    soup = tmp_path / "soup.safetensors"
+    build_soup(members[:3], soup)
+    saved = tmp_path / "saved" / "soup.safetensors"
+    copy_soup(soup, saved)
+    assert saved.stat().st_ino == soup.stat().st_ino and sidecar(saved).stat().st_ino == sidecar(soup).stat().st_ino
+    before = saved.read_bytes()
+    remove_shard(soup, members[2])  # rewrites the source in place (a rename)
+    assert saved.read_bytes() == before and read_manifest(saved).n == 3
+    assert read_manifest(soup).n == 2
+
+    def no_links(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_links)
+    other = tmp_path / "other" / "soup.safetensors"
+    copy_soup(saved, other)
+    assert other.stat().st_ino != saved.stat().st_ino and other.read_bytes() == saved.read_bytes()
+    remove_shard(other, members[2])
+    assert read_manifest(other).n == 2 and read_manifest(saved).n == 3
 
 # --- member ids are hashed once per file version ---------------------------------------------
 
