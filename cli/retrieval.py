@@ -9,6 +9,11 @@ STORE is a store folder, a ``NAME.pgstore.json`` config, or, with ``--db postgre
     store visibility STORE public|private REF...
     store list   STORE [--visibility all]
     store compact STORE --db URL                  (PostgreSQL: rewrite the tables without forgotten rows)
+    store cleanup STORE --db URL --images-folder DIR  (shared-folder copies: retry failed deletions)
+
+``--images-folder DIR`` (with ``--db``): the store keeps its image copies as files in DIR, a folder
+every worker mounts, instead of in the database (given when the store is built, and to every
+later command, as this machine mounts it).
 
 Queries and builds need the open_clip weights; ``--weights`` defaults to the file the store
 recorded, looked up next to the store's parent ``models/`` folder (clip_vision, open_clip).
@@ -36,7 +41,7 @@ def _find_weights(store: Path, name: str) -> Path:
 
 
 def _ref(args: argparse.Namespace) -> StoreRef:
-    return StoreRef.parse(args.store, db=getattr(args, "db", None))
+    return StoreRef.parse(args.store, db=getattr(args, "db", None), images=getattr(args, "images_folder", None))
 
 
 def _open(args: argparse.Namespace, need_embedder: bool = True) -> ImageStore | PgImageStore:
@@ -99,6 +104,15 @@ def cmd_compact(args: argparse.Namespace) -> int:
         _compact(store)
         print(json.dumps({"compacted": store.name, "items": len(store)}))
     return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    with _open(args, need_embedder=False) as store:
+        if not isinstance(store, PgImageStore):
+            raise StoreError("cleanup is for PostgreSQL stores with their copies in a shared folder.", "", "store")
+        done = store.cleanup()
+        print(json.dumps({"cleanup": store.name, **done, **({"error": store.last_cleanup} if store.last_cleanup else {})}))
+    return 0 if not done["pending"] else 1
 
 
 def cmd_visibility(args: argparse.Namespace) -> int:
@@ -167,6 +181,12 @@ def register(sub) -> None:
     c = cmds.add_parser("compact", help="PostgreSQL: rewrite the tables without the forgotten rows' bytes")
     c.add_argument("store")
     c.set_defaults(func=_guard(cmd_compact))
-    for sub in (b, q, f, v, ls, c):
+    cl = cmds.add_parser("cleanup", help="PostgreSQL, copies in a shared folder: retry deletions a forget could "
+                                         "not finish and delete stray copies")
+    cl.add_argument("store")
+    cl.set_defaults(func=_guard(cmd_cleanup))
+    for sub in (b, q, f, v, ls, c, cl):
         sub.add_argument("--db", help="postgresql://user@host:port/database: STORE is then a store name in it "
                                       "(the password comes from PGPASSWORD or ~/.pgpass)")
+        sub.add_argument("--images-folder", help="with --db: the shared folder holding the store's image copies "
+                                                 "(instead of the database), as this machine mounts it")

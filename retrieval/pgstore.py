@@ -10,6 +10,12 @@ Tables: ``items`` (one row per image, its unit embedding in a ``vector(dim)`` co
 (the stored copy as ``bytea``, TOASTed; ``ON DELETE CASCADE`` from its item), ``forgotten``
 (content hashes never to re-add) and ``meta`` (config, write counters, default owner).
 
+Image copies live in the database by default. A store created with ``images_folder`` keeps them
+as files in a folder every worker mounts (``<sha256>.<ext>``, beside a marker naming the store),
+with a table ``unlinks``: a forget records the copies to delete in its own transaction, deletes
+them right after the commit, and a deletion that fails (the folder unreachable, a permission)
+stays recorded and is retried before every later add or forget and by :meth:`cleanup`.
+
 Why it is exact: a row and its vector are one tuple, and the copy is deleted by the same
 statement's cascade, so one ``COMMIT`` makes an item, its vector and its copy appear or disappear
 together; no reader (any process, any machine) sees one without the others, and a query that
@@ -34,8 +40,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +53,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 import torch
 
+from ..atomic import write_bytes
 from .common import StoreCommon
 from .credits import check_ref
 from .embed import Embedder
@@ -77,6 +86,12 @@ CREATE INDEX ON {s}.items(visibility, owner);
 CREATE TABLE {s}.images(item BIGINT PRIMARY KEY REFERENCES {s}.items(id) ON DELETE CASCADE, data BYTEA NOT NULL);
 CREATE TABLE {s}.forgotten(sha256 TEXT COLLATE "C" PRIMARY KEY, at DOUBLE PRECISION NOT NULL);
 """
+# A store whose copies are files in a shared folder: the copies its forgets still have to delete.
+_UNLINKS = """
+CREATE TABLE {s}.unlinks(sha256 TEXT COLLATE "C" PRIMARY KEY, file TEXT NOT NULL, at DOUBLE PRECISION NOT NULL,
+                         tries INTEGER NOT NULL DEFAULT 0, error TEXT)
+"""
+MARKER = ".compartments-store.json"  # in an images folder: which store's copies it holds
 _COLS = "id, sha256, path, owner, visibility, added, width, height, file"
 
 
@@ -142,12 +157,14 @@ class PgImageStore(StoreCommon):
 
     backend_name = "postgresql"
 
-    def __init__(self, url: str, name: str, embedder: Embedder | None = None, vacuum: bool = True) -> None:
+    def __init__(self, url: str, name: str, embedder: Embedder | None = None, vacuum: bool = True,
+                 images_folder: str | Path | None = None) -> None:
         self.url, self.name = url, check_name(name)
         self.schema = f'"{SCHEMA_PREFIX}{name}"'
         self.path = Path(name)  # what credit records and reports show as the store's name
         self.vacuum = vacuum
         self.last_vacuum: str | None = None
+        self.last_cleanup: str | None = None
         self.conn = self._connect(url)
         try:
             self._require_vector()
@@ -161,6 +178,7 @@ class PgImageStore(StoreCommon):
                                  "rebuild the store with this version.", "store")
             self.dim = int(self.config["dim"])
             self.index_kind = self.config.get("index", "exact")
+            self.images_dir = self._images_dir(images_folder)
             self._embedder = embedder
             if embedder is not None:
                 self._check_embedder(embedder)
@@ -229,9 +247,53 @@ class PgImageStore(StoreCommon):
             raise StoreError(f"store '{self.name}' has no '{key}' record.", "rebuild the store.", "store")
         return row[0]
 
+    def _images_dir(self, images_folder: str | Path | None) -> Path | None:
+        """Where this store's copies are: None (in the database), or its shared folder, checked."""
+        uid = self.config.get("images_uid")
+        if uid is None:
+            if images_folder:
+                raise StoreError(f"store '{self.name}' keeps its image copies in the database, not in a folder.",
+                                 "remove images_folder (from the .pgstore.json config or --images-folder).", "store")
+            return None
+        if not images_folder:
+            raise StoreError(f"store '{self.name}' keeps its image copies in a shared folder, and none was given.",
+                             "name the folder as this machine mounts it: images_folder in the store's .pgstore.json "
+                             "config, or --images-folder.", "store")
+        folder = Path(images_folder).expanduser()
+        try:
+            marker = json.loads((folder / MARKER).read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"'{folder}' is not the image folder of store '{self.name}': no readable {MARKER} "
+                             f"in it ({type(exc).__name__}).",
+                             "give the folder the store was built with, as this machine mounts it.", "store") from None
+        if marker.get("uid") != uid:
+            raise StoreError(f"'{folder}' holds the copies of another store ('{marker.get('store')}'), not of "
+                             f"'{self.name}'.", "give the folder this store was built with.", "store")
+        return folder
+
+    @staticmethod
+    def _claim_folder(folder: Path, name: str, url: str) -> str:
+        """Mark ``folder`` as the new store's image folder (refused if another store's); its uid."""
+        folder.mkdir(parents=True, exist_ok=True)
+        if (folder / MARKER).exists():
+            try:
+                other = json.loads((folder / MARKER).read_text()).get("store", "?")
+            except (OSError, ValueError):
+                other = "?"
+            raise StoreError(f"'{folder}' is already the image folder of store '{other}'.",
+                             "give each store a folder of its own.", "images_folder")
+        uid = uuid.uuid4().hex
+        write_bytes(folder / MARKER, json.dumps({"store": name, "database": redact(url), "uid": uid}).encode())
+        return uid
+
     @classmethod
-    def create(cls, url: str, name: str, embedder: Embedder, index: str = "exact") -> PgImageStore:
-        """Make a new empty store in the database (one transaction: all of it or nothing)."""
+    def create(cls, url: str, name: str, embedder: Embedder, index: str = "exact",
+               images_folder: str | Path | None = None) -> PgImageStore:
+        """Make a new empty store in the database (one transaction: all of it or nothing).
+
+        ``images_folder``: keep the image copies as files there (a folder every worker mounts)
+        instead of in the database.
+        """
         check_name(name)
         if index not in INDEXES:
             raise StoreError(f"unknown index '{index}'.", f"use one of {INDEXES}.", "index")
@@ -248,10 +310,16 @@ class PgImageStore(StoreCommon):
                                      "store") from None
             config = {"format_version": FORMAT_VERSION, "backend": "postgresql", "index": index,
                       "created": time.time(), "model": embedder.describe(), "dim": embedder.dim}
+            if images_folder:
+                if cls.exists(url, name):
+                    raise StoreError(f"a store named '{name}' already exists in {redact(url)}.",
+                                     "open it, or pick another name.", "store")
+                config["images_uid"] = cls._claim_folder(Path(images_folder).expanduser(), name, url)
             try:
                 with conn.transaction():
                     conn.execute(f"CREATE SCHEMA {schema}")
-                    for stmt in filter(str.strip, _TABLES.format(s=schema, dim=embedder.dim).split(";")):
+                    tables = _TABLES + (_UNLINKS if images_folder else "")
+                    for stmt in filter(str.strip, tables.format(s=schema, dim=embedder.dim).split(";")):
                         conn.execute(stmt)
                     if index == "hnsw":
                         conn.execute(f"CREATE INDEX items_embedding_hnsw ON {schema}.items USING hnsw "
@@ -261,9 +329,13 @@ class PgImageStore(StoreCommon):
             except (psycopg.errors.DuplicateSchema, psycopg.errors.UniqueViolation):  # (two creators at once)
                 raise StoreError(f"a store named '{name}' already exists in {redact(url)}.",
                                  "open it, or pick another name.", "store") from None
+            except BaseException:
+                if images_folder:  # the folder's claim goes with the store that was not made
+                    (Path(images_folder).expanduser() / MARKER).unlink(missing_ok=True)
+                raise
         finally:
             conn.close()
-        return cls(url, name, embedder)
+        return cls(url, name, embedder, images_folder=images_folder)
 
     @classmethod
     def exists(cls, url: str, name: str) -> bool:
@@ -281,13 +353,21 @@ class PgImageStore(StoreCommon):
         ``only_if_unwritten``: only while nothing was ever committed to it (revision 0) - what a failed
         first build undoes, never a store other workers have started to use meanwhile.
         """
+        files: list[str] = []
         with self._tx("dropping the store"):
             if only_if_unwritten and self.revision != 0:
                 dropped = False
             else:
+                if self.images_dir is not None:
+                    files = [r[0] for r in self.conn.execute(
+                        f"SELECT file FROM {self.schema}.items UNION SELECT file FROM {self.schema}.unlinks")]
                 self.conn.execute(f"DROP SCHEMA {self.schema} CASCADE")
                 dropped = True
         self.close()
+        if dropped and self.images_dir is not None:  # after the commit: the copies, then the folder's claim
+            for f in files:
+                (self.images_dir / f).unlink(missing_ok=True)
+            (self.images_dir / MARKER).unlink(missing_ok=True)
         return dropped
 
     def close(self) -> None:
@@ -372,6 +452,7 @@ class PgImageStore(StoreCommon):
                 kept.append(s)
         kept, vecs = self._embed_staged(kept, progress, report)
         if kept:
+            self._retry_unlinks()
             psycopg = _psycopg()
             for attempt in range(3):
                 try:
@@ -416,20 +497,52 @@ class PgImageStore(StoreCommon):
             ids = [r[0] for r in self.conn.execute(
                 "SELECT nextval(pg_get_serial_sequence(%s, 'id')) FROM generate_series(1, %s)",
                 (f"{self.schema}.items", len(todo)))]
-            with self.conn.cursor() as cur:
-                with cur.copy(f"COPY {self.schema}.items(id, sha256, path, file, owner, visibility, added, width, "
-                              "height, embedding) FROM STDIN") as copy:
-                    for i, (s, v) in zip(ids, todo, strict=True):
-                        copy.write_row((i, s["sha"], s["path"], s["file"], owner, visibility, now, s["width"],
-                                        s["height"], _vec_text(v)))
-                with cur.copy(f"COPY {self.schema}.images(item, data) FROM STDIN") as copy:
-                    for i, (s, _) in zip(ids, todo, strict=True):
-                        copy.write_row((i, s["data"]))
-            if allow_forgotten:
-                self.conn.execute(f"DELETE FROM {self.schema}.forgotten WHERE sha256 = ANY(%s)",
-                                  ([s["sha"] for s, _ in todo],))
-            self._bump(vectors=True)
+            written = self._write_copies([s for s, _ in todo])  # under the writer lock (see _write_copies)
+            try:
+                with self.conn.cursor() as cur:
+                    with cur.copy(f"COPY {self.schema}.items(id, sha256, path, file, owner, visibility, added, "
+                                  "width, height, embedding) FROM STDIN") as copy:
+                        for i, (s, v) in zip(ids, todo, strict=True):
+                            copy.write_row((i, s["sha"], s["path"], s["file"], owner, visibility, now, s["width"],
+                                            s["height"], _vec_text(v)))
+                    if self.images_dir is None:
+                        with cur.copy(f"COPY {self.schema}.images(item, data) FROM STDIN") as copy:
+                            for i, (s, _) in zip(ids, todo, strict=True):
+                                copy.write_row((i, s["data"]))
+                if allow_forgotten:
+                    self.conn.execute(f"DELETE FROM {self.schema}.forgotten WHERE sha256 = ANY(%s)",
+                                      ([s["sha"] for s, _ in todo],))
+                self._bump(vectors=True)
+            except BaseException:
+                # still under the lock, so no other writer can have taken these files as its own; with the
+                # connection gone the lock is too, and the files stay for cleanup() (it deletes only copies
+                # no item names), as they do when the COMMIT itself fails
+                if not self.conn.broken:
+                    for f in written:
+                        f.unlink(missing_ok=True)
+                raise
         return ids
+
+    def _write_copies(self, staged: list[dict]) -> list[Path]:
+        """The copies of a folder store, each written atomically unless already there; the files
+        written. Called under the writer lock: a cleanup (which also takes it) never sees a copy
+        whose item is not committed yet."""
+        written: list[Path] = []
+        if self.images_dir is None:
+            return written
+        try:
+            for s in staged:
+                dst = self.images_dir / s["file"]
+                if not dst.exists():
+                    write_bytes(dst, s["data"])
+                    written.append(dst)
+        except OSError as exc:
+            for f in written:
+                f.unlink(missing_ok=True)
+            raise StoreError(f"cannot write image copies into the store's folder {self.images_dir}: "
+                             f"{exc.strerror or exc}; nothing was added.",
+                             "check that the folder is mounted, writable and has space.", "store") from None
+        return written
 
     def _exists_ref(self, ref: int | str) -> bool:
         ref = check_ref(ref, "ids")
@@ -474,6 +587,7 @@ class PgImageStore(StoreCommon):
             if not refs:
                 return []
         ids = self._resolve(refs, "ids")
+        self._retry_unlinks()
         with self._tx("the forget"):
             rows = self.conn.execute(f"DELETE FROM {self.schema}.items WHERE id = ANY(%s) RETURNING {_COLS}",
                                      (ids,)).fetchall()
@@ -482,14 +596,74 @@ class PgImageStore(StoreCommon):
                     raise StoreError("some of these items were forgotten meanwhile (another process).",
                                      "list the store and retry.", "ids")
             if rows:
+                now = time.time()
                 self.conn.execute(f"INSERT INTO {self.schema}.forgotten(sha256, at) SELECT unnest(%s::text[]), %s "
-                                  "ON CONFLICT (sha256) DO UPDATE SET at = EXCLUDED.at",
-                                  ([r[1] for r in rows], time.time()))
+                                  "ON CONFLICT (sha256) DO UPDATE SET at = EXCLUDED.at", ([r[1] for r in rows], now))
+                if self.images_dir is not None:  # recorded with the delete: the copies go right after the commit
+                    self.conn.execute(f"INSERT INTO {self.schema}.unlinks(sha256, file, at) SELECT unnest(%s::text[]), "
+                                      "unnest(%s::text[]), %s ON CONFLICT (sha256) DO NOTHING",
+                                      ([r[1] for r in rows], [r[8] for r in rows], now))
                 self._bump(vectors=True)
+        if rows and self.images_dir is not None:
+            self._retry_unlinks()
         if rows and self.vacuum:
             self._vacuum()
         by_id = {r[0]: Item(*r) for r in rows}
         return [by_id[i] for i in ids if i in by_id]
+
+    def _retry_unlinks(self) -> int:
+        """Delete the copies forgets recorded and have not deleted yet; the number still pending.
+
+        Under the writer lock. A copy whose image was added again meanwhile (``allow_forgotten``)
+        belongs to that item and stays. A deletion that fails stays recorded, with its error in
+        :attr:`last_cleanup`, and is retried before the next add or forget, or by :meth:`cleanup`.
+        """
+        if self.images_dir is None:
+            return 0
+        if self.conn.execute(f"SELECT 1 FROM {self.schema}.unlinks LIMIT 1").fetchone() is None:
+            return 0
+        failed: list[tuple[str, str]] = []
+        with self._tx("the deletion of forgotten copies"):
+            rows = self.conn.execute(
+                f"SELECT u.sha256, u.file, EXISTS (SELECT 1 FROM {self.schema}.items i WHERE i.sha256 = u.sha256) "
+                f"FROM {self.schema}.unlinks u").fetchall()
+            done = []
+            for sha, file, in_use in rows:
+                try:
+                    if not in_use:
+                        (self.images_dir / file).unlink(missing_ok=True)
+                    done.append(sha)
+                except OSError as exc:
+                    failed.append((sha, f"{type(exc).__name__}: {exc.strerror or exc}"))
+            self.conn.execute(f"DELETE FROM {self.schema}.unlinks WHERE sha256 = ANY(%s)", (done,))
+            for sha, why in failed:
+                self.conn.execute(f"UPDATE {self.schema}.unlinks SET tries = tries + 1, error = %s WHERE sha256 = %s",
+                                  (why, sha))
+        self.last_cleanup = (f"{len(failed)} forgotten image copies could not be deleted from {self.images_dir} "
+                             f"yet ({failed[0][1]}); they are recorded and retried before the next add or forget, "
+                             "or by store cleanup." if failed else None)
+        return len(failed)
+
+    def cleanup(self) -> dict:
+        """Finish what failures left in a folder store: retry the recorded deletions of forgotten
+        copies, and delete copies no item names (an add whose connection broke before its commit).
+        Returns {"pending": copies still to delete, "orphans": stray copies deleted}."""
+        if self.images_dir is None:
+            return {"pending": 0, "orphans": 0}
+        pending = self._retry_unlinks()
+        orphans = 0
+        with self._tx("the sweep of the image folder"):  # under the lock: no add is between its copies and commit
+            names = [e.name for e in os.scandir(self.images_dir) if e.is_file() and not e.name.startswith(".")]
+            for start in range(0, len(names), 10_000):
+                chunk = names[start:start + 10_000]
+                named = {r[0] for r in self.conn.execute(
+                    f"SELECT file FROM {self.schema}.items WHERE sha256 = ANY(%s)",
+                    ([n.split(".", 1)[0] for n in chunk],))}
+                for n in chunk:
+                    if n not in named:
+                        (self.images_dir / n).unlink(missing_ok=True)
+                        orphans += 1
+        return {"pending": pending, "orphans": orphans}
 
     def _vacuum(self) -> None:
         """Remove the dead tuples the forget left (heap and TOAST pages); outside any transaction."""
@@ -523,6 +697,7 @@ class PgImageStore(StoreCommon):
         the old ones; it takes the tables' exclusive lock for a time proportional to the store's size.
         """
         psycopg = _psycopg()
+        self.cleanup()
         try:
             self.conn.execute(f"VACUUM FULL {self.schema}.images, {self.schema}.items")
         except psycopg.OperationalError as exc:
@@ -598,7 +773,10 @@ class PgImageStore(StoreCommon):
                 "items": len(self), "public": counts.get("public", 0), "private": counts.get("private", 0),
                 "model": self.config["model"]["name"], "weights": self.config["model"]["weights"], "dim": self.dim,
                 "generation": self.generation,
-                "forgotten": int(self.conn.execute(f"SELECT COUNT(*) FROM {self.schema}.forgotten").fetchone()[0])}
+                "forgotten": int(self.conn.execute(f"SELECT COUNT(*) FROM {self.schema}.forgotten").fetchone()[0]),
+                "copies": "database" if self.images_dir is None else str(self.images_dir),
+                **({} if self.images_dir is None else {"copies_to_delete": int(self.conn.execute(
+                    f"SELECT COUNT(*) FROM {self.schema}.unlinks").fetchone()[0])})}
 
     def query(self, text: str | None = None, image: torch.Tensor | None = None, k: int = 4,
               visibility: str = "private", owner: str | None = None, exact: bool | None = None) -> list[Hit]:
@@ -653,16 +831,30 @@ class PgImageStore(StoreCommon):
         """Stored copies as one ComfyUI IMAGE [B, H, W, 3] float 0..1 (cover-resized to one size)."""
         if not hits:
             raise StoreError("no hits to load.", "query with k >= 1 first.", "hits")
-        data = dict(self.conn.execute(f"SELECT item, data FROM {self.schema}.images WHERE item = ANY(%s)",
-                                      ([h.id for h in hits],)).fetchall())
         imgs = []
-        for h in hits:
-            if h.id not in data:
+        for h, blob in zip(hits, self._copies(hits), strict=True):
+            if blob is None:
                 raise StoreError(f"image {h.id} ({h.sha256[:12]}) is no longer in the store.",
                                  "query again: it was forgotten.", "hits")
-            imgs.append(decode_image(bytes(data[h.id]))[0])
+            imgs.append(decode_image(blob)[0])
         th, tw = size or tuple(imgs[0].shape[:2])
         return torch.stack([fit(im, th, tw) for im in imgs])
+
+    def _copies(self, hits: Sequence[Item]) -> list[bytes | None]:
+        """Each hit's stored copy (None: gone), from the database or the store's folder."""
+        if self.images_dir is None:
+            data = dict(self.conn.execute(f"SELECT item, data FROM {self.schema}.images WHERE item = ANY(%s)",
+                                          ([h.id for h in hits],)).fetchall())
+            return [bytes(data[h.id]) if h.id in data else None for h in hits]
+        live = {r[0] for r in self.conn.execute(f"SELECT id FROM {self.schema}.items WHERE id = ANY(%s)",
+                                                ([h.id for h in hits],))}
+        out: list[bytes | None] = []
+        for h in hits:
+            try:
+                out.append((self.images_dir / h.file).read_bytes() if h.id in live else None)
+            except FileNotFoundError:
+                out.append(None)
+        return out
 
     def image_embeddings(self, ids: Sequence[int]) -> torch.Tensor:
         """Stored unit image embeddings [N, dim] float32 for these ids (in that order)."""

@@ -141,14 +141,17 @@ def test_building_folders_are_never_offered(comfy, prepared):
         shutil.rmtree(hidden, ignore_errors=True)
 
 
-def test_the_same_nodes_on_a_postgresql_store(comfy, prepared, pg_server):
+@pytest.mark.parametrize("copies", ["database", "shared folder"])
+def test_the_same_nodes_on_a_postgresql_store(comfy, prepared, pg_server, copies, tmp_path):
     """A ``NAME.pgstore.json`` in models/retrieval_stores makes Build/Load/Retrieve/Forget/List use a store
-    in that PostgreSQL database; the workflow never carries the URL's password."""
+    in that PostgreSQL database, its copies there or in the config's shared folder; the workflow never
+    carries the URL's password."""
     from compartments.retrieval import PgImageStore
     from compartments.tiny import retrieval as tiny_retrieval
 
     cfg = comfy.models_dir / "retrieval_stores" / "nodes_pg.pgstore.json"
-    cfg.write_text(json.dumps({"url": pg_server.url}))
+    shared = tmp_path / "mnt" / "nodes-pg-copies" if copies == "shared folder" else None
+    cfg.write_text(json.dumps({"url": pg_server.url, **({"images_folder": str(shared)} if shared else {})}))
     try:
         schema = comfy.node("CompartmentsRetrievalLoadStore").GET_SCHEMA()
         assert cfg.name in {i.id: getattr(i, "options", None) for i in schema.inputs}["store"]
@@ -156,6 +159,8 @@ def test_the_same_nodes_on_a_postgresql_store(comfy, prepared, pg_server):
         rep = json.loads(report)
         assert rep["created"] and len(rep["added"]) == tiny_retrieval.IMAGE_COUNT and rep["store"] == "nodes_pg"
         assert not (comfy.models_dir / "retrieval_stores" / "nodes_pg").exists()  # nothing on disk: it is in the db
+        if shared:
+            assert len([f for f in shared.iterdir() if not f.name.startswith(".")]) == tiny_retrieval.IMAGE_COUNT
         loaded, summary = comfy.run("CompartmentsRetrievalLoadStore", store=cfg.name, weights="(recorded)")
         assert json.loads(summary)["backend"] == "postgresql" and json.loads(summary)["items"] == tiny_retrieval.IMAGE_COUNT
         query = torch.from_numpy(tiny_retrieval.image_array(2)).float()[None] / 255
@@ -169,6 +174,8 @@ def test_the_same_nodes_on_a_postgresql_store(comfy, prepared, pg_server):
         assert comfy.node("CompartmentsRetrievalLoadStore").fingerprint_inputs(store=cfg.name) != fingerprint
         (listing,) = comfy.run("CompartmentsRetrievalList", store=loaded, visibility="all")
         assert top["id"] not in {it["id"] for it in json.loads(listing)["items"]}
+        if shared:  # the forgotten copies left the shared folder with the commit
+            assert len([f for f in shared.iterdir() if not f.name.startswith(".")]) == tiny_retrieval.IMAGE_COUNT - 2
         cfg.write_text(json.dumps({"url": "postgresql://me:sekrit@127.0.0.1:1/x"}))
         with pytest.raises(ValueError, match="'store'.*password") as err:
             comfy.run("CompartmentsRetrievalLoadStore", store=cfg.name, weights="(recorded)")
@@ -176,4 +183,4 @@ def test_the_same_nodes_on_a_postgresql_store(comfy, prepared, pg_server):
     finally:
         cfg.unlink(missing_ok=True)
         if PgImageStore.exists(pg_server.url, "nodes_pg"):
-            PgImageStore(pg_server.url, "nodes_pg").drop()
+            PgImageStore(pg_server.url, "nodes_pg", images_folder=shared).drop()

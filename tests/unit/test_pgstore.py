@@ -85,7 +85,7 @@ def test_config_files_never_hold_a_password(tmp_path, url):
         read_pg_config(cfg)
     assert "sekrit" not in str(err.value)
     cfg.write_text(json.dumps({"url": "postgresql://me@db:5432/images"}))
-    assert read_pg_config(cfg) == ("postgresql://me@db:5432/images", "studio")
+    assert read_pg_config(cfg) == ("postgresql://me@db:5432/images", "studio", None)
     cfg.write_text("{nope")
     with pytest.raises(StoreError, match="not a store config"):
         read_pg_config(cfg)
@@ -123,6 +123,114 @@ def test_a_connection_lost_mid_forget_leaves_the_item_whole(url, embedder, folde
         assert victim.id in {it.id for it in again.list()}
         assert again.load_images([victim]).shape[0] == 1 and again.image_embeddings([victim.id]).shape == (1, 64)
         assert again.forget([victim.id])[0].id == victim.id
+        again.drop()
+
+
+
+# ---------------------------------------------------------------- copies in a shared folder
+def _shared(url: str, name: str, embedder, folder, copies: Path) -> PgImageStore:
+    if PgImageStore.exists(url, name):
+        PgImageStore(url, name, images_folder=copies).drop()
+    store, _, _ = StoreRef(url=url, name=name, images=str(copies)).build_or_update(embedder, folder, owner="alice")
+    return store
+
+
+def _copies(store: PgImageStore) -> set[str]:
+    return {p.name for p in store.images_dir.iterdir() if not p.name.startswith(".")}
+
+
+def test_a_shared_folder_store_is_opened_only_with_its_folder(url, embedder, folder, tmp_path):
+    copies = tmp_path / "copies"
+    store = _shared(url, "shared_open", embedder, folder, copies)
+    assert _copies(store) == {it.file for it in store.list()} and store.summary()["copies"] == str(copies)
+    assert _sql(url, 'SELECT count(*) FROM "compartments_shared_open".images') == [(0,)]  # none in the database
+    with pytest.raises(StoreError, match="in a shared folder, and none was given"):
+        PgImageStore(url, "shared_open")
+    with pytest.raises(StoreError, match=f"'{tmp_path}' is not the image folder .*no readable"):
+        PgImageStore(url, "shared_open", images_folder=tmp_path)
+    with pytest.raises(StoreError, match="already the image folder of store 'shared_open'"):
+        PgImageStore.create(url, "shared_other", embedder, images_folder=copies)
+    other = PgImageStore.create(url, "shared_other", embedder, images_folder=tmp_path / "other")
+    with pytest.raises(StoreError, match="holds the copies of another store \\('shared_other'\\)"):
+        PgImageStore(url, "shared_open", images_folder=tmp_path / "other")
+    other.drop()
+    assert not (tmp_path / "other" / ".compartments-store.json").exists()
+    bytea = _fresh(url, "shared_bytea", embedder, folder)
+    with pytest.raises(StoreError, match="in the database, not in a folder"):
+        PgImageStore(url, "shared_bytea", images_folder=copies)
+    bytea.drop()
+    cfg = tmp_path / "shared_open.pgstore.json"  # what a worker's node reads: the folder relative to the config
+    cfg.write_text(json.dumps({"url": url, "images_folder": "copies"}))
+    with StoreRef.parse(str(cfg)).open(embedder) as again:
+        hit = again.query(image=_img(2), k=1, visibility="all")[0]
+        torch.testing.assert_close(again.load_images([hit])[0], _img(2), atol=1e-6, rtol=0)
+    store.drop()
+    assert list(copies.iterdir()) == []  # the copies and the folder's claim went with the store
+
+
+def test_a_failed_deletion_is_recorded_retried_and_never_shows_the_item(url, embedder, folder, tmp_path, monkeypatch):
+    copies = tmp_path / "copies"
+    store = _shared(url, "shared_retry", embedder, folder, copies)
+    victim, readded = store.list()[:2]
+    real_unlink = Path.unlink
+
+    def refuse(self, missing_ok=False):
+        if self.parent == copies:
+            raise PermissionError(13, "Permission denied")
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse)  # the shared folder refuses deletions (read-only mount, ACL)
+    assert [g.id for g in store.forget([victim.id, readded.id])] == [victim.id, readded.id]
+    assert "2 forgotten image copies could not be deleted" in store.last_cleanup
+    assert store.summary()["copies_to_delete"] == 2 and {victim.file, readded.file} <= _copies(store)
+    assert _sql(url, 'SELECT tries, error FROM "compartments_shared_retry".unlinks ORDER BY sha256') == \
+        [(1, "PermissionError: Permission denied")] * 2
+    # the forget is committed all the same: no query, list or load returns them
+    with PgImageStore(url, "shared_retry", embedder, images_folder=copies) as other:
+        n = len(other)
+        for q in [{"image": _img(i)} for i in range(tiny_retrieval.IMAGE_COUNT)]:
+            assert not {victim.id, readded.id} & {h.id for h in other.query(k=n, visibility="all", **q)}
+        with pytest.raises(StoreError, match="no longer in the store"):
+            other.load_images([victim])
+    monkeypatch.undo()
+    # one of them is added again on purpose before the retry: its copy is the new item's, and stays
+    new_id = store.add_files([readded.path], owner="alice", allow_forgotten=True).added[0]
+    assert store.last_cleanup is None and store.summary()["copies_to_delete"] == 0
+    assert victim.file not in _copies(store) and readded.file in _copies(store)
+    assert store.load_images(store.get([new_id])).shape[0] == 1
+    store.drop()
+
+
+def test_adds_that_fail_leave_no_copies_and_cleanup_sweeps_strays(url, embedder, folder, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from compartments.retrieval import pgstore
+
+    copies = tmp_path / "copies"
+    store = _shared(url, "shared_fail", embedder, folder, copies)
+    before = _copies(store)
+    new = [tmp_path / f"n{i}.png" for i in range(3)]
+    for i, p in enumerate(new):
+        Image.fromarray(tiny_retrieval.image_array(30 + i)).save(p)
+
+    def broken(v):
+        raise ValueError("a row the database refused")
+
+    monkeypatch.setattr(pgstore, "_vec_text", broken)  # fails after the copies are written, before the commit
+    with pytest.raises(ValueError, match="refused"):
+        store.add_files(new)
+    monkeypatch.undo()
+    assert _copies(store) == before and len(store) == tiny_retrieval.IMAGE_COUNT
+    # the connection breaks before the commit: the lock went with it, so the copy stays, as a stray
+    monkeypatch.setattr(store, "_bump", lambda vectors: _kill(url, store.conn.info.backend_pid))
+    with pytest.raises(StoreError, match="lost during the add"):
+        store.add_files(new[:1])
+    monkeypatch.undo()
+    with PgImageStore(url, "shared_fail", embedder, images_folder=copies) as again:
+        assert len(again) == tiny_retrieval.IMAGE_COUNT and len(_copies(again)) == len(before) + 1
+        assert again.cleanup() == {"pending": 0, "orphans": 1}
+        assert _copies(again) == before
+        assert again.add_files(new).added and len(_copies(again)) == len(before) + 3
         again.drop()
 
 

@@ -73,3 +73,26 @@ def test_every_store_subcommand_takes_a_postgresql_url(pg_server, tmp_path, caps
     from compartments.retrieval import PgImageStore
 
     PgImageStore(pg_server.url, "cli_pg").drop()
+
+
+def test_a_store_with_its_copies_in_a_shared_folder(pg_server, tmp_path, capsys):
+    """--images-folder: built with it, opened with it by every later command; cleanup reports."""
+    weights, folder = str(tiny_retrieval.clip_weights()), str(tiny_retrieval.images_folder())
+    copies = tmp_path / "shared" / "cli-copies"
+    db = ["--db", pg_server.url, "--images-folder", str(copies)]
+    assert _run(["store", "build", "cli_shared", "--folder", folder, "--weights", weights, *db]) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert built["summary"]["copies"] == str(copies) and built["summary"]["copies_to_delete"] == 0
+    assert len([p for p in copies.iterdir() if not p.name.startswith(".")]) == tiny_retrieval.IMAGE_COUNT
+    assert _run(["store", "forget", "cli_shared", str(built["added"][0]), *db]) == 0
+    capsys.readouterr()
+    assert len([p for p in copies.iterdir() if not p.name.startswith(".")]) == tiny_retrieval.IMAGE_COUNT - 1
+    assert _run(["store", "cleanup", "cli_shared", *db]) == 0
+    assert json.loads(capsys.readouterr().out) == {"cleanup": "cli_shared", "pending": 0, "orphans": 0}
+    assert _run(["store", "list", "cli_shared", "--db", pg_server.url]) == 2  # without its folder: refused
+    assert "--images-folder" in capsys.readouterr().err
+    assert _run(["store", "list", str(tmp_path / "folder-store"), "--images-folder", str(copies)]) == 2
+    assert "for a store in PostgreSQL" in capsys.readouterr().err
+    from compartments.retrieval import PgImageStore
+
+    PgImageStore(pg_server.url, "cli_shared", images_folder=copies).drop()

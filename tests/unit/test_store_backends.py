@@ -1,6 +1,7 @@
 """Tier 1: the same store semantics on both backends (a folder: SQLite + faiss; PostgreSQL + pgvector).
 
-Every test here runs twice, once per backend, on the tiny open_clip model. The PostgreSQL server is
+Every test here runs three times, on the tiny open_clip model: a folder store, a PostgreSQL store
+with its image copies in the database, and one with them in a shared folder. The PostgreSQL server is
 real (``pgserver``: PostgreSQL 16 + pgvector in this run's temp folder); backend-specific behaviour
 (slot files, crash recovery; lost connections, VACUUM) has its own tests beside.
 """
@@ -8,6 +9,7 @@ real (``pgserver``: PostgreSQL 16 + pgvector in this run's temp folder); backend
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ import torch
 from compartments.retrieval import Embedder, StoreError, StoreRef, attribution
 from compartments.tiny import retrieval as tiny_retrieval
 
-BACKENDS = ["folder", "postgresql"]
+BACKENDS = ["folder", "postgresql", "postgresql-shared-folder"]
 _names = itertools.count()
 
 
@@ -26,21 +28,30 @@ def make(request, tmp_path):
     made: list[StoreRef] = []
 
     def new(tag: str = "s") -> StoreRef:
+        n = next(_names)
         if request.param == "folder":
-            ref = StoreRef(path=str(tmp_path / f"{tag}{next(_names)}"))
+            ref = StoreRef(path=str(tmp_path / f"{tag}{n}"))
         else:
-            ref = StoreRef(url=request.getfixturevalue("pg_server").url, name=f"t_{tag}_{next(_names)}")
+            images = str(tmp_path / f"{tag}{n}-copies") if request.param.endswith("folder") else None
+            ref = StoreRef(url=request.getfixturevalue("pg_server").url, name=f"t_{tag}_{n}", images=images)
         made.append(ref)
         return ref
 
+    def ref_of(s) -> StoreRef:
+        """The address another process would open ``s`` by."""
+        if request.param == "folder":
+            return StoreRef(path=str(s.path))
+        return StoreRef(url=s.url, name=s.name, images=str(s.images_dir) if s.images_dir else None)
+
     new.backend = request.param
+    new.ref_of = ref_of
     yield new
     for ref in made:
         if ref.url:
             from compartments.retrieval.pgstore import PgImageStore
 
             try:
-                PgImageStore(ref.url, ref.name).drop()
+                PgImageStore(ref.url, ref.name, images_folder=ref.images).drop()
             except StoreError:
                 pass
 
@@ -120,8 +131,11 @@ def test_forgotten_images_never_come_back(store, embedder, folder, make):
             s.load_images([target])
 
     never_returned(store)
-    ref = StoreRef(path=str(store.path)) if make.backend == "folder" else StoreRef(url=store.url, name=store.name)
-    with ref.open(embedder) as reopened:
+    if make.backend == "postgresql-shared-folder":  # the copies left the folder with the commit
+        names = {p.name for p in store.images_dir.iterdir()}
+        assert target.file not in names and by_hash.file not in names and len(names) == len(store) + 1  # + marker
+        assert store.summary()["copies_to_delete"] == 0
+    with make.ref_of(store).open(embedder) as reopened:
         never_returned(reopened)
         report = reopened.add_folder(folder)  # a rebuild does not bring them back
         assert report.added == [] and sum("forgotten earlier" in r for _, r in report.skipped) == 2
@@ -173,9 +187,8 @@ def test_query_errors_and_other_models(store, make, embedder):
     with pytest.raises(StoreError, match="at least one"):
         store.query(text="x", k=0)
     other = Embedder(tiny_retrieval.clip_weights(seed=1))
-    ref = StoreRef(path=str(store.path)) if make.backend == "folder" else StoreRef(url=store.url, name=store.name)
     with pytest.raises(StoreError, match="different model"):
-        ref.open(other)
+        make.ref_of(store).open(other)
 
 
 def test_a_cancelled_add_leaves_nothing(make, embedder, folder, tmp_path):
@@ -189,6 +202,8 @@ def test_a_cancelled_add_leaves_nothing(make, embedder, folder, tmp_path):
     assert ref.revision() is None
     with pytest.raises(StoreError, match="not an image store|no image store"):
         ref.open(embedder)
+    if ref.images:  # no copy and no claim on the folder stays behind
+        assert list(Path(ref.images).iterdir()) == []
     store, report, created = ref.build_or_update(embedder, folder)
     with store:
         assert created and len(report.added) == tiny_retrieval.IMAGE_COUNT
@@ -200,4 +215,6 @@ def test_a_cancelled_add_leaves_nothing(make, embedder, folder, tmp_path):
         with pytest.raises(KeyboardInterrupt):
             store.add_files([new], progress=cancel)
         assert (len(store), store.revision) == before and ref.revision() == before[1]
+        if ref.images:
+            assert len(list(Path(ref.images).iterdir())) == len(store) + 1
         assert store.add_files([new]).added  # and nothing half-added blocks it
