@@ -134,7 +134,13 @@ def store_figures(n: int, dim: int, threads: int, common: dict) -> None:
         store.close()
 
 
-def pg_figures(n: int, dim: int, queries: int, k: int, common: dict) -> None:
+def _plan(store, q: np.ndarray, k: int) -> str:
+    """Which access path PostgreSQL takes for the store's HNSW query (the scan lines of its EXPLAIN)."""
+    return " / ".join(line.strip().lstrip("-> ").split("  ")[0] for line in store.explain(q, k, "all").splitlines()
+                      if "Scan" in line)
+
+
+def pg_figures(n: int, dim: int, queries: int, k: int, common: dict, hnsw: bool = True) -> None:
     """The store figures on PostgreSQL + pgvector (see the module doc)."""
     import hashlib
     import shutil
@@ -180,13 +186,15 @@ def pg_figures(n: int, dim: int, queries: int, k: int, common: dict) -> None:
 
         exact_ms, exact_top = latency(True)
         _emit("query_latency", exact_ms, "ms", index="exact (scan)", queries=queries, **params)
-        t0 = time.perf_counter()
-        store.add_index("hnsw")
-        _emit("hnsw_build_seconds", time.perf_counter() - t0, "s", m=16, ef_construction=64, **params)
-        hnsw_ms, hnsw_top = latency(False)
-        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(hnsw_top, exact_top, strict=True)]))
-        _emit("query_latency", hnsw_ms, "ms", index="hnsw", ef_search=100, queries=queries, **params)
-        _emit("hnsw_recall_at_k", recall, "fraction of the exact top-k", **params)
+        if hnsw:
+            t0 = time.perf_counter()
+            store.add_index("hnsw")
+            _emit("hnsw_build_seconds", time.perf_counter() - t0, "s", m=16, ef_construction=64, **params)
+            hnsw_ms, hnsw_top = latency(False)
+            recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(hnsw_top, exact_top, strict=True)]))
+            _emit("query_latency", hnsw_ms, "ms", index="hnsw", ef_search=100, queries=queries,
+                  plan=_plan(store, qs[0], k), **params)
+            _emit("hnsw_recall_at_k", recall, "fraction of the exact top-k", **params)
         for vacuum in (True, False):
             store.vacuum = vacuum
             times, wal = [], []
@@ -262,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap.add_argument("--postgres", action="store_true", help="also the store figures on PostgreSQL + pgvector")
+    ap.add_argument("--postgres-only", action="store_true", help="only the PostgreSQL figures")
+    ap.add_argument("--hnsw-up-to", type=int, default=10**9, metavar="N",
+                    help="PostgreSQL: build and query the HNSW index only for sizes up to N")
     ap.add_argument("--huge-images", type=int, default=0, metavar="N",
                     help="only: peak RSS of a build from N 6000x6000 PNGs")
     args = ap.parse_args(argv)
@@ -274,10 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     sizes = args.sizes or ([10_000] if args.quick else [10_000, 100_000])
     queries = args.queries or (50 if args.quick else 200)
     for n in sizes:
-        run(n, args.dim, queries, args.k, args.threads)
-        if args.postgres:
+        if not args.postgres_only:
+            run(n, args.dim, queries, args.k, args.threads)
+        if args.postgres or args.postgres_only:
             pg_figures(n, args.dim, queries, args.k, {"n": n, "dim": args.dim, "k": args.k, "threads": args.threads,
-                                                      "device": "cpu", "machine": platform.machine()})
+                                                      "device": "cpu", "machine": platform.machine()},
+                       hnsw=n <= args.hnsw_up_to)
     return 0
 
 

@@ -281,11 +281,10 @@ def test_hnsw_store_agrees_with_exact(url, embedder, folder):
         PgImageStore(url, "hnsw").drop()
     store = PgImageStore.create(url, "hnsw", embedder, index="hnsw")
     store.add_folder(folder, owner="alice")
+    q = np.full(64, 0.125, dtype=np.float32)
     store.conn.execute("SET enable_seqscan = off")  # six rows: make the planner use the index, as at scale
-    plan = " ".join(r[0] for r in store.conn.execute(
-        f"EXPLAIN SELECT id FROM {store.schema}.items ORDER BY embedding <=> %s::vector LIMIT 3",
-        ("[" + ",".join(["0.125"] * 64) + "]",)).fetchall())
-    assert "items_embedding_hnsw" in plan, plan
+    for vis in ("all", "private", "public"):  # the store's own query, under its visibility / owner filter
+        assert "items_embedding_hnsw" in store.explain(q, 3, vis), store.explain(q, 3, vis)
     for i in range(tiny_retrieval.IMAGE_COUNT):
         approx = [h.id for h in store.query(image=_img(i), k=3, visibility="all")]
         exact = [h.id for h in store.query(image=_img(i), k=3, visibility="all", exact=True)]
