@@ -19,6 +19,13 @@ exact and through an HNSW index (with its agreement with the exact top-k), forge
 without the VACUUM the store runs, and the write-ahead-log bytes per forget.
 
     python benchmarks/retrieval.py --postgres --sizes 10000 100000
+    python benchmarks/retrieval.py --postgres-only --sizes 1000000 --queries 20 --hnsw-up-to 100000
+
+HNSW's agreement with the exact top-k depends on the data, so the PostgreSQL figures run on
+``--vectors``: ``clustered`` (default; embedding-like: one centre per 100 vectors, each vector its
+centre plus noise, cosine about 0.3 within a cluster and 0.1 across, queries near a stored vector as
+a similar image is) and ``random`` (uniform on the sphere, queries as well: no structure at all,
+the worst case for any graph index).
 """
 
 from __future__ import annotations
@@ -41,6 +48,22 @@ def _unit(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
     v = rng.standard_normal((n, dim), dtype=np.float32)
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     return v
+
+
+def _clustered(n: int, dim: int, rng: np.random.Generator, spread: float = 2.0) -> np.ndarray:
+    centres = _unit(max(1, n // 100), dim, rng)
+    v = centres[rng.integers(0, len(centres), n)]
+    v += spread / np.sqrt(dim) * rng.standard_normal((n, dim), dtype=np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return v
+
+
+def _queries(kind: str, vecs: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    if kind == "random":
+        return _unit(count, vecs.shape[1], rng)
+    q = vecs[rng.integers(0, len(vecs), count)] + 0.5 / np.sqrt(vecs.shape[1]) * rng.standard_normal(
+        (count, vecs.shape[1]), dtype=np.float32)
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
 def _emit(figure: str, value: float, unit: str, **params) -> None:
@@ -140,7 +163,8 @@ def _plan(store, q: np.ndarray, k: int) -> str:
                       if "Scan" in line)
 
 
-def pg_figures(n: int, dim: int, queries: int, k: int, common: dict, hnsw: bool = True) -> None:
+def pg_figures(n: int, dim: int, queries: int, k: int, common: dict, hnsw: bool = True,
+               vectors: str = "clustered") -> None:
     """The store figures on PostgreSQL + pgvector (see the module doc)."""
     import hashlib
     import shutil
@@ -154,10 +178,11 @@ def pg_figures(n: int, dim: int, queries: int, k: int, common: dict, hnsw: bool 
     server = pgserver.get_server(str(tmp / "pg"), cleanup_mode="stop")
     try:
         url = server.get_uri()
-        params = {**common, "backend": "postgresql", "server": "PostgreSQL 16.2 + pgvector 0.6.2 (pgserver)"}
+        params = {**common, "backend": "postgresql", "server": "PostgreSQL 16.2 + pgvector 0.6.2 (pgserver)",
+                  "vectors": vectors}
         store = PgImageStore.create(url, "bench", _embedder(dim, tmp))
         store.set_default_owner("bench")  # as a build records it (else every query looks the owner up)
-        vecs = _unit(n, dim, rng)
+        vecs = _unit(n, dim, rng) if vectors == "random" else _clustered(n, dim, rng)
         blob = rng.bytes(1024)
         t0 = time.perf_counter()
         ids: list[int] = []
@@ -173,7 +198,8 @@ def pg_figures(n: int, dim: int, queries: int, k: int, common: dict, hnsw: bool 
         store = PgImageStore(url, "bench")
         _emit("open_latency", (time.perf_counter() - t0) * 1e3, "ms", includes="connect + read the config "
               "(no index to build)", **params)
-        qs = _unit(queries, dim, rng)
+        qs = _queries(vectors, vecs, queries, rng)
+        del vecs
 
         def latency(exact: bool) -> tuple[float, list[list[int]]]:
             store.query_by_vector(qs[0], k, "all", exact=exact)
@@ -271,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap.add_argument("--postgres", action="store_true", help="also the store figures on PostgreSQL + pgvector")
     ap.add_argument("--postgres-only", action="store_true", help="only the PostgreSQL figures")
+    ap.add_argument("--vectors", nargs="+", choices=("clustered", "random"), default=["clustered"],
+                    help="PostgreSQL: the data (and queries) to run on, each in its own store")
     ap.add_argument("--hnsw-up-to", type=int, default=10**9, metavar="N",
                     help="PostgreSQL: build and query the HNSW index only for sizes up to N")
     ap.add_argument("--huge-images", type=int, default=0, metavar="N",
@@ -287,10 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     for n in sizes:
         if not args.postgres_only:
             run(n, args.dim, queries, args.k, args.threads)
-        if args.postgres or args.postgres_only:
+        for kind in args.vectors if args.postgres or args.postgres_only else ():
             pg_figures(n, args.dim, queries, args.k, {"n": n, "dim": args.dim, "k": args.k, "threads": args.threads,
                                                       "device": "cpu", "machine": platform.machine()},
-                       hnsw=n <= args.hnsw_up_to)
+                       hnsw=n <= args.hnsw_up_to, vectors=kind)
     return 0
 
 

@@ -2,19 +2,25 @@
 staged images in bounded memory, the query vector, swapping the embedder.
 
 A backend (:class:`.store.ImageStore`, :class:`.pgstore.PgImageStore`) provides ``add_files``,
-``embedder``, ``dim`` and ``_check_embedder``; these methods use nothing else.
+``embedder``, ``dim`` and ``_check_embedder``, and for the row reads and owner rules (the same SQL
+on SQLite and PostgreSQL) its driver's placeholder ``_P``, its table names (``_t``) and ``_rows``
+(run a statement, fetch every row); these methods use nothing else.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from .embed import Embedder
 from .images import decode_image, unreadable
-from .items import AddReport, Progress, StoreError
+from .items import FILTERS, AddReport, Item, Progress, StoreError
+
+COLS = "id, sha256, path, owner, visibility, added, width, height, file"  # an Item, in field order
 
 # Embedding needs far less than a 6000x6000 photo (open_clip sees 224 px): images are decoded
 # for it at most this long on a side, one batch at a time, so a folder of huge images costs one
@@ -80,3 +86,71 @@ class StoreCommon:
         vecs = self.embedder.embed_images(image)
         mean = vecs.mean(axis=0, keepdims=True)
         return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+
+    # -- rows and owners: the same SQL on both backends -------------------------------------
+    _P = "?"  # the driver's parameter placeholder
+
+    def _t(self, table: str) -> str:
+        """The table's name in SQL."""
+        return table
+
+    def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        """Run one statement; its rows (none for a write)."""
+        raise NotImplementedError
+
+    def get(self, ids: Iterable[int]) -> list[Item]:
+        """Items by id, in the order given; unknown ids are an error."""
+        ids = [int(i) for i in ids]
+        if not ids:
+            return []
+        wanted = sorted(set(ids))
+        rows = self._rows(f"SELECT {COLS} FROM {self._t('items')} WHERE id IN ({','.join([self._P] * len(wanted))})",
+                          wanted)
+        by_id = {r[0]: Item(*r) for r in rows}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise StoreError(f"ids {missing} are not in the store (forgotten or never added).", "", "ids")
+        return [by_id[i] for i in ids]
+
+    def list(self, visibility: str = "all") -> list[Item]:
+        where, args = self._filter(visibility)
+        return [Item(*r) for r in self._rows(f"SELECT {COLS} FROM {self._t('items')} {where} ORDER BY id", args)]
+
+    def _filter(self, visibility: str) -> tuple[str, list]:
+        if visibility not in FILTERS:
+            raise StoreError(f"visibility filter '{visibility}' is not one of {FILTERS}.", "", "visibility")
+        return ("", []) if visibility == "all" else (f"WHERE visibility={self._P}", [visibility])
+
+    def set_default_owner(self, owner: str) -> None:
+        """Record the owner the store was built for (whose private items a query returns by default)."""
+        self._rows(f"INSERT INTO {self._t('meta')}(key, value) VALUES ('owner', {self._P}) "
+                   "ON CONFLICT (key) DO UPDATE SET value = excluded.value", [owner])
+
+    def _private_owners(self) -> list[str]:
+        return sorted(r[0] for r in self._rows(f"SELECT DISTINCT owner FROM {self._t('items')} "
+                                               "WHERE visibility='private'"))
+
+    def default_owner(self) -> str | None:
+        """The owner recorded at build time; for older stores the only owner of private items.
+
+        None when private items belong to several owners and none was recorded: a query must
+        then say whose private items it wants (never everyone's).
+        """
+        row = self._rows(f"SELECT value FROM {self._t('meta')} WHERE key='owner'")
+        if row:
+            return row[0][0]
+        owners = self._private_owners()
+        return owners[0] if len(owners) == 1 else ("" if not owners else None)
+
+    def _scope(self, visibility: str, owner: str | None) -> tuple[str, list]:
+        """SQL filter for a query: public items are shared; private ones only for ``owner``."""
+        if visibility == "public" or visibility not in FILTERS:
+            return self._filter(visibility)  # the public filter, or the error naming the bad one
+        who = owner if owner else self.default_owner()
+        if who is None:
+            raise StoreError(f"the store holds private images of several owners "
+                             f"({', '.join(map(repr, self._private_owners()))}) and none is its default.",
+                             "say whose private images to retrieve: set owner.", "owner")
+        if visibility == "private":
+            return f"WHERE visibility='private' AND owner={self._P}", [who]
+        return f"WHERE visibility='public' OR (visibility='private' AND owner={self._P})", [who]

@@ -54,11 +54,12 @@ import numpy as np
 import torch
 
 from ..atomic import write_bytes
+from .common import COLS as _COLS
 from .common import StoreCommon
 from .credits import check_ref
 from .embed import Embedder
 from .images import copy_name, decode_image, fit, probe_image, sha256_hex, unreadable
-from .items import FILTERS, VISIBILITIES, AddReport, Hit, Item, Progress, StoreError
+from .items import VISIBILITIES, AddReport, Hit, Item, Progress, StoreError
 
 FORMAT_VERSION = 1
 SCHEMA_PREFIX = "compartments_"
@@ -92,7 +93,6 @@ CREATE TABLE {s}.unlinks(sha256 TEXT COLLATE "C" PRIMARY KEY, file TEXT NOT NULL
                          tries INTEGER NOT NULL DEFAULT 0, error TEXT)
 """
 MARKER = ".compartments-store.json"  # in an images folder: which store's copies it holds
-_COLS = "id, sha256, path, owner, visibility, added, width, height, file"
 
 
 def is_url(ref: str | Path) -> bool:
@@ -714,53 +714,15 @@ class PgImageStore(StoreCommon):
             self._bump(vectors=False)
         return ids
 
-    # -- reads ----------------------------------------------------------------------------------
-    def get(self, ids: Iterable[int]) -> list[Item]:
-        ids = [int(i) for i in ids]
-        if not ids:
-            return []
-        rows = self.conn.execute(f"SELECT {_COLS} FROM {self.schema}.items WHERE id = ANY(%s)",
-                                 (sorted(set(ids)),)).fetchall()
-        by_id = {r[0]: Item(*r) for r in rows}
-        missing = [i for i in ids if i not in by_id]
-        if missing:
-            raise StoreError(f"ids {missing} are not in the store (forgotten or never added).", "", "ids")
-        return [by_id[i] for i in ids]
+    # -- reads (get, list and the owner rules are StoreCommon's) -------------------------------
+    _P = "%s"
 
-    def list(self, visibility: str = "all") -> list[Item]:
-        where, args = self._filter(visibility)
-        rows = self.conn.execute(f"SELECT {_COLS} FROM {self.schema}.items {where} ORDER BY id", args).fetchall()
-        return [Item(*r) for r in rows]
+    def _t(self, table: str) -> str:
+        return f"{self.schema}.{table}"
 
-    def _filter(self, visibility: str) -> tuple[str, list]:
-        if visibility not in FILTERS:
-            raise StoreError(f"visibility filter '{visibility}' is not one of {FILTERS}.", "", "visibility")
-        return ("", []) if visibility == "all" else ("WHERE visibility=%s", [visibility])
-
-    def set_default_owner(self, owner: str) -> None:
-        self.conn.execute(f"INSERT INTO {self.schema}.meta(key, value) VALUES ('owner', %s) "
-                          "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value", (owner,))
-
-    def default_owner(self) -> str | None:
-        row = self.conn.execute(f"SELECT value FROM {self.schema}.meta WHERE key='owner'").fetchone()
-        if row is not None:
-            return row[0]
-        owners = [r[0] for r in self.conn.execute(
-            f"SELECT DISTINCT owner FROM {self.schema}.items WHERE visibility='private'")]
-        return owners[0] if len(owners) == 1 else ("" if not owners else None)
-
-    def _scope(self, visibility: str, owner: str | None) -> tuple[str, list]:
-        if visibility == "public" or visibility not in FILTERS:
-            return self._filter(visibility)
-        who = owner if owner else self.default_owner()
-        if who is None:
-            owners = sorted(r[0] for r in self.conn.execute(
-                f"SELECT DISTINCT owner FROM {self.schema}.items WHERE visibility='private'"))
-            raise StoreError(f"the store holds private images of several owners ({', '.join(map(repr, owners))}) "
-                             "and none is its default.", "say whose private images to retrieve: set owner.", "owner")
-        if visibility == "private":
-            return "WHERE visibility='private' AND owner=%s", [who]
-        return "WHERE visibility='public' OR (visibility='private' AND owner=%s)", [who]
+    def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        cur = self.conn.execute(sql, list(args) or None)
+        return cur.fetchall() if cur.description else []
 
     def summary(self) -> dict:
         with self._tx("the summary", read_only=True):  # one snapshot for every figure

@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 try:
     import fcntl
@@ -539,61 +540,9 @@ class ImageStore(StoreCommon):
             self._bump(vectors=False)
         return ids
 
-    # -- reads ----------------------------------------------------------------------------
-    _COLS = "id, sha256, path, owner, visibility, added, width, height, file"
-
-    def get(self, ids: Iterable[int]) -> list[Item]:
-        """Items by id, in the order given; unknown ids are an error."""
-        ids = [int(i) for i in ids]
-        if not ids:
-            return []
-        rows = self.db.execute(f"SELECT {self._COLS} FROM items WHERE id IN ({','.join('?' * len(set(ids)))})",
-                               sorted(set(ids))).fetchall()
-        by_id = {r[0]: Item(*r) for r in rows}
-        missing = [i for i in ids if i not in by_id]
-        if missing:
-            raise StoreError(f"ids {missing} are not in the store (forgotten or never added).", "", "ids")
-        return [by_id[i] for i in ids]
-
-    def list(self, visibility: str = "all") -> list[Item]:
-        where, args = self._filter(visibility)
-        rows = self.db.execute(f"SELECT {self._COLS} FROM items {where} ORDER BY id", args).fetchall()
-        return [Item(*r) for r in rows]
-
-    def _filter(self, visibility: str) -> tuple[str, list]:
-        if visibility not in FILTERS:
-            raise StoreError(f"visibility filter '{visibility}' is not one of {FILTERS}.", "", "visibility")
-        return ("", []) if visibility == "all" else ("WHERE visibility=?", [visibility])
-
-    # -- owners: a privacy boundary ----------------------------------------------------------
-    def set_default_owner(self, owner: str) -> None:
-        """Record the owner the store was built for (whose private items a query returns by default)."""
-        self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('owner', ?)", (owner,))
-
-    def default_owner(self) -> str | None:
-        """The owner recorded at build time; for older stores the only owner of private items.
-
-        None when private items belong to several owners and none was recorded: a query must
-        then say whose private items it wants (never everyone's).
-        """
-        row = self.db.execute("SELECT value FROM meta WHERE key='owner'").fetchone()
-        if row is not None:
-            return row[0]
-        owners = [r[0] for r in self.db.execute("SELECT DISTINCT owner FROM items WHERE visibility='private'")]
-        return owners[0] if len(owners) == 1 else ("" if not owners else None)
-
-    def _scope(self, visibility: str, owner: str | None) -> tuple[str, list]:
-        """SQL filter for a query: public items are shared; private ones only for ``owner``."""
-        if visibility == "public" or visibility not in FILTERS:
-            return self._filter(visibility)  # the public filter, or the error naming the bad one
-        who = owner if owner else self.default_owner()
-        if who is None:
-            owners = sorted(r[0] for r in self.db.execute("SELECT DISTINCT owner FROM items WHERE visibility='private'"))
-            raise StoreError(f"the store holds private images of several owners ({', '.join(map(repr, owners))}) "
-                             "and none is its default.", "say whose private images to retrieve: set owner.", "owner")
-        if visibility == "private":
-            return "WHERE visibility='private' AND owner=?", [who]
-        return "WHERE visibility='public' OR (visibility='private' AND owner=?)", [who]
+    # -- reads (get, list and the owner rules are StoreCommon's) -----------------------------
+    def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
+        return self.db.execute(sql, args).fetchall()
 
     def summary(self) -> dict:
         counts = dict(self.db.execute("SELECT visibility, COUNT(*) FROM items GROUP BY visibility").fetchall())
