@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .embed import Embedder
-from .images import decode_image, unreadable
+from .images import copy_name, decode_image, probe_image, sha256_hex, unreadable
 from .items import FILTERS, AddReport, Item, Progress, StoreError
 
 COLS = "id, sha256, path, owner, visibility, added, width, height, file"  # an Item, in field order
@@ -48,6 +48,47 @@ class StoreCommon:
                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
         return self.add_files(files, owner=owner, visibility=visibility, progress=progress,
                               allow_forgotten=allow_forgotten)
+
+    @staticmethod
+    def _stage(files: Sequence[str | Path], report: AddReport, copies_in: str = "") -> list[dict]:
+        """Read, hash and probe each file once: the images to add (``file``: the copy's name under
+        ``copies_in``); unreadable files and repeats within ``files`` are skipped into ``report``."""
+        staged: list[dict] = []
+        seen: set[str] = set()
+        for f in map(Path, files):
+            try:
+                data = f.read_bytes()
+            except OSError as exc:
+                report.skipped.append((str(f), f"unreadable: {exc.strerror or exc}"))
+                continue
+            sha = sha256_hex(data)
+            if sha in seen:
+                report.skipped.append((str(f), "duplicate: already in the store"))
+                continue
+            try:
+                fmt, width, height = probe_image(data)
+            except Exception as exc:  # PIL raises many types for bad data; each is a skip, not a crash
+                report.skipped.append((str(f), unreadable(exc)))
+                continue
+            seen.add(sha)
+            staged.append({"sha": sha, "path": str(f), "data": data, "width": width, "height": height,
+                           "file": f"{copies_in}{copy_name(sha, fmt)}"})
+        return staged
+
+    @staticmethod
+    def _new_only(staged: list[dict], known: dict[str, str], allow_forgotten: bool, report: AddReport) -> list[dict]:
+        """The staged images the store does not hold (``known``: sha256 -> "stored" / "forgotten");
+        forgotten ones only with ``allow_forgotten``. The rest are skipped into ``report``."""
+        kept = []
+        for s in staged:
+            state = known.get(s["sha"])
+            if state == "stored":
+                report.skipped.append((s["path"], "duplicate: already in the store"))
+            elif state == "forgotten" and not allow_forgotten:
+                report.skipped.append((s["path"], "forgotten earlier: not re-added (allow_forgotten to override)"))
+            else:
+                kept.append(s)
+        return kept
 
     def _embed_staged(self, staged: list[dict], progress: Progress | None,
                       report: AddReport) -> tuple[list[dict], np.ndarray]:

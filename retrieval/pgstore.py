@@ -58,7 +58,7 @@ from .common import COLS as _COLS
 from .common import StoreCommon
 from .credits import check_ref
 from .embed import Embedder
-from .images import copy_name, decode_image, fit, probe_image, sha256_hex, unreadable
+from .images import decode_image, fit
 from .items import VISIBILITIES, AddReport, Hit, Item, Progress, StoreError
 
 FORMAT_VERSION = 1
@@ -419,37 +419,8 @@ class PgImageStore(StoreCommon):
         if visibility not in VISIBILITIES:
             raise StoreError(f"visibility '{visibility}' is not one of {VISIBILITIES}.", "", "visibility")
         report = AddReport()
-        staged: list[dict] = []
-        seen: set[str] = set()
-        for f in files:
-            f = Path(f)
-            try:
-                data = f.read_bytes()
-            except OSError as exc:
-                report.skipped.append((str(f), f"unreadable: {exc.strerror or exc}"))
-                continue
-            sha = sha256_hex(data)
-            if sha in seen:
-                report.skipped.append((str(f), "duplicate: already in the store"))
-                continue
-            try:
-                fmt, width, height = probe_image(data)
-            except Exception as exc:  # PIL raises many types for bad data; each is a skip
-                report.skipped.append((str(f), unreadable(exc)))
-                continue
-            seen.add(sha)
-            staged.append({"sha": sha, "path": str(f), "data": data, "width": width, "height": height,
-                           "file": copy_name(sha, fmt)})
-        known = self._known([s["sha"] for s in staged])
-        kept = []
-        for s in staged:
-            state = known.get(s["sha"])
-            if state == "stored":
-                report.skipped.append((s["path"], "duplicate: already in the store"))
-            elif state == "forgotten" and not allow_forgotten:
-                report.skipped.append((s["path"], "forgotten earlier: not re-added (allow_forgotten to override)"))
-            else:
-                kept.append(s)
+        staged = self._stage(files, report)
+        kept = self._new_only(staged, self._known([s["sha"] for s in staged]), allow_forgotten, report)
         kept, vecs = self._embed_staged(kept, progress, report)
         if kept:
             self._retry_unlinks()

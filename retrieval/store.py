@@ -70,7 +70,7 @@ from ..atomic import sweep_stale
 from .common import EMBED_BATCH, EMBED_SIDE, StoreCommon
 from .credits import attribution, check_ref, parse_refs
 from .embed import Embedder
-from .images import copies_written, copy_name, decode_image, fit, probe_image, sha256_hex, unreadable
+from .images import copies_written, decode_image, fit
 from .index import BACKENDS, VectorIndex
 from .items import FILTERS, VISIBILITIES, AddReport, Hit, Item, Progress, StoreError
 from .slots import SlotFile
@@ -393,31 +393,9 @@ class ImageStore(StoreCommon):
         if visibility not in VISIBILITIES:
             raise StoreError(f"visibility '{visibility}' is not one of {VISIBILITIES}.", "", "visibility")
         report = AddReport()
-        known = {r[0] for r in self.db.execute("SELECT sha256 FROM items")}
-        forgotten = {r[0] for r in self.db.execute("SELECT sha256 FROM forgotten")}
-        staged: list[dict] = []
-        for f in files:
-            f = Path(f)
-            try:
-                data = f.read_bytes()
-            except OSError as exc:
-                report.skipped.append((str(f), f"unreadable: {exc.strerror or exc}"))
-                continue
-            sha = sha256_hex(data)
-            if sha in known:
-                report.skipped.append((str(f), "duplicate: already in the store"))
-                continue
-            if sha in forgotten and not allow_forgotten:
-                report.skipped.append((str(f), "forgotten earlier: not re-added (allow_forgotten to override)"))
-                continue
-            try:
-                fmt, width, height = probe_image(data)
-            except Exception as exc:  # PIL raises many types for bad data; each is a skip, not a crash
-                report.skipped.append((str(f), unreadable(exc)))
-                continue
-            known.add(sha)
-            staged.append({"sha": sha, "path": str(f), "data": data, "width": width, "height": height,
-                           "file": f"{IMAGE_DIR}/{copy_name(sha, fmt)}"})
+        known = {r[0]: "forgotten" for r in self.db.execute("SELECT sha256 FROM forgotten")}
+        known.update({r[0]: "stored" for r in self.db.execute("SELECT sha256 FROM items")})
+        staged = self._new_only(self._stage(files, report, f"{IMAGE_DIR}/"), known, allow_forgotten, report)
         staged, vecs = self._embed_staged(staged, progress, report)
         if not staged:
             return report
