@@ -294,12 +294,13 @@ def test_hnsw_store_agrees_with_exact(url, embedder, folder):
 
 
 # -- several processes on one store ----------------------------------------------------------------
-def _worker(role: str, url: str, name: str, weights: str, paths: list[str], out: str) -> None:
+def _worker(role: str, url: str, name: str, weights: str, paths: list[str], out: str,
+            images_folder: str | None = None) -> None:
     """One process on the shared store; logs what it did with CLOCK_MONOTONIC times (system-wide)."""
     torch.set_num_threads(1)
     emb = Embedder(weights)
     log = []
-    with PgImageStore(url, name, emb) as store:
+    with PgImageStore(url, name, emb, images_folder=images_folder) as store:
         if role == "adder":
             for p in paths:
                 log.append({"added": store.add_files([p], owner="alice", allow_forgotten=True).added})
@@ -318,13 +319,22 @@ def _worker(role: str, url: str, name: str, weights: str, paths: list[str], out:
                     log.append({"error": str(exc)})
                     continue
                 log.append({"started": started, "hits": [h.id for h in hits]})
+                try:  # the copies too (a hit forgotten since the query is a clear error, never a wrong image)
+                    store.load_images(hits)
+                except StoreError as exc:
+                    assert "no longer in the store" in str(exc), exc
     Path(out).write_text(json.dumps(log))
 
 
-def test_several_processes_add_forget_and_query_one_store(url, embedder, folder, tmp_path):
+@pytest.mark.parametrize("copies", ["database", "shared folder"])
+def test_several_processes_add_forget_and_query_one_store(url, embedder, folder, tmp_path, copies):
     from PIL import Image
 
-    store = _fresh(url, "shared", embedder, folder)
+    images = str(tmp_path / "copies") if copies == "shared folder" else None
+    if images:
+        store = _shared(url, "shared", embedder, folder, Path(images))
+    else:
+        store = _fresh(url, "shared", embedder, folder)
     store.close()
     paths = []
     for i in range(8):
@@ -333,7 +343,7 @@ def test_several_processes_add_forget_and_query_one_store(url, embedder, folder,
         paths.append(str(p))
     ctx = mp.get_context("spawn")
     outs = {r: str(tmp_path / f"{r}.json") for r in ("adder", "forgetter", "querier")}
-    procs = [ctx.Process(target=_worker, args=(r, url, "shared", str(tiny_retrieval.clip_weights()), paths, o))
+    procs = [ctx.Process(target=_worker, args=(r, url, "shared", str(tiny_retrieval.clip_weights()), paths, o, images))
              for r, o in outs.items()]
     for p in procs:
         p.start()
@@ -348,11 +358,16 @@ def test_several_processes_add_forget_and_query_one_store(url, embedder, folder,
     for q in queries:  # a query that started after a forget committed never returned that item
         late = [i for i in q["hits"] if i in committed and q["started"] > committed[i]]
         assert not late, (q, {i: committed[i] for i in late})
-    with PgImageStore(url, "shared", embedder) as s:
-        live = {it.id for it in s.list()}
-        assert not live & set(committed)  # every committed forget stuck
+    with PgImageStore(url, "shared", embedder, images_folder=images) as s:
+        live = s.list()
+        assert not {it.id for it in live} & set(committed)  # every committed forget stuck
         # every row has its vector and its copy; no vector or copy without its row
         rows, vectors = s.conn.execute(f"SELECT count(*), count(embedding) FROM {s.schema}.items").fetchone()
-        copies = s.conn.execute(f"SELECT count(*) FROM {s.schema}.images").fetchone()[0]
-        assert rows == vectors == copies == len(live) == tiny_retrieval.IMAGE_COUNT + len(added) - len(committed)
+        if images:
+            files = {f.name for f in Path(images).iterdir() if not f.name.startswith(".")}
+            assert files == {it.file for it in live} and s.summary()["copies_to_delete"] == 0
+            n_copies = len(files)
+        else:
+            n_copies = s.conn.execute(f"SELECT count(*) FROM {s.schema}.images").fetchone()[0]
+        assert rows == vectors == n_copies == len(live) == tiny_retrieval.IMAGE_COUNT + len(added) - len(committed)
         s.drop()
