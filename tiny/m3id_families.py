@@ -562,6 +562,24 @@ def _build_mistral3(path: Path, seed: int) -> None:
     _save(model, proc, path, seed)
 
 
+def _user_assistant_template(start: str) -> str:
+    """The Idefics3 / SmolVLM chat template (their chat_template.json), after its start token:
+    "<start>User:<image>Describe this image.<end_of_utterance>\nAssistant:"."""
+    return (
+        start + "{% for message in messages %}{{ message['role'] | capitalize }}"
+        "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+        "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+        "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+        "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+    )
+
+
+# the grid markers both processors insert around image tiles, and the plain words of their turn
+# format (not special: a caption may use them), added after the vocabulary
+_ROW_COL = tuple(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6))
+_TURN_WORDS = ("User", "Assistant", "Describe")
+
+
 # --- smolvlm: Tiny random SmolVLM (HuggingFaceTB/SmolVLM-Instruct / SmolVLM2 layout) for the M3ID tests.
 #
 # SigLIP-style vision tower (64 px, patch 8 -> 8x8 patches) + pixel-shuffle connector with
@@ -578,20 +596,12 @@ _SMOLVLM_PATCH = 8
 _SMOLVLM_SCALE = 4
 _SMOLVLM_SEQ_LEN = (_SMOLVLM_IMAGE // _SMOLVLM_PATCH) ** 2 // _SMOLVLM_SCALE**2  # <image> tokens per (sub-)image: 4
 
-_SMOLVLM_ROW_COL = tuple(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6))
-_SMOLVLM_EXTRA = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>", "<video>") + _SMOLVLM_ROW_COL
-# plain words of the real turn format (not special: a caption may use them), added after the vocabulary
-_SMOLVLM_WORDS = ("User", "Assistant", "Describe")
+_SMOLVLM_EXTRA = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>", "<video>") + _ROW_COL
+_SMOLVLM_WORDS = _TURN_WORDS
 
 # The real SmolVLM template (SmolVLM-Instruct's chat_template.json):
 # "<|im_start|>User:<image>Describe this image.<end_of_utterance>\nAssistant:"
-_SMOLVLM_TEMPLATE = (
-    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
-    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
+_SMOLVLM_TEMPLATE = _user_assistant_template("<|im_start|>")
 
 
 def _build_smolvlm(path: Path, seed: int) -> None:
@@ -645,20 +655,12 @@ _IDEFICS3_PATCH = 8
 _IDEFICS3_SCALE = 2
 _IDEFICS3_SEQ_LEN = (_IDEFICS3_IMAGE // _IDEFICS3_PATCH) ** 2 // _IDEFICS3_SCALE**2  # <image> tokens per (sub-)image: 4
 
-_IDEFICS3_ROW_COL = tuple(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6))
-_IDEFICS3_EXTRA = ("<|begin_of_text|>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>") + _IDEFICS3_ROW_COL
-# plain words of the real turn format (not special: a caption may use them), added after the vocabulary
-_IDEFICS3_WORDS = ("User", "Assistant", "Describe")
+_IDEFICS3_EXTRA = ("<|begin_of_text|>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>") + _ROW_COL
+_IDEFICS3_WORDS = _TURN_WORDS
 
 # The real Idefics3-8B-Llama3 template (its chat_template.json), verbatim in structure:
 # "<|begin_of_text|>User:<image>Describe this image.<end_of_utterance>\nAssistant:"
-_IDEFICS3_TEMPLATE = (
-    "<|begin_of_text|>{% for message in messages %}{{ message['role'] | capitalize }}"
-    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
-    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
-    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
-    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
-)
+_IDEFICS3_TEMPLATE = _user_assistant_template("<|begin_of_text|>")
 
 
 def _build_idefics3(path: Path, seed: int) -> None:
