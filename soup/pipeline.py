@@ -11,14 +11,13 @@ buffers per tensor of a read job, however large or many the checkpoints are.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, Protocol
 
 import torch
 
@@ -28,8 +27,6 @@ from .sums import CHUNK
 Progress = Callable[[int, int], None] | None
 Parts = tuple[str, str, Iterable[torch.Tensor]]  # key, dtype code, flat chunks in order
 SideParts = tuple[str, torch.Tensor]  # a tensor of the sidecar file (the exact-sum data), whole
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 def hash_header(h: Any, key: str, dtype: str, shape: Sequence[int]) -> None:
@@ -130,25 +127,24 @@ class Combine(Protocol):
     def __call__(self, out: Output, acc: torch.Tensor, xs: Iterator[torch.Tensor]) -> Iterable[Parts | SideParts]: ...
 
 
-def soup_threads(fn: Callable[P, R]) -> Callable[P, R]:
-    """Run ``fn`` with torch using every core (its setting is restored afterwards).
+@contextmanager
+def soup_threads(hashing: bool) -> Iterator[int]:
+    """torch's thread count for one soup (restored afterwards): every core, less the one the
+    member hashing thread keeps busy while it runs.
 
-    The reader, hasher and writer threads mostly wait on the disk or run inside C code that
-    frees the GIL, so the arithmetic gets the cores they leave. Measured on 2 cores, four
-    SD1.5 members, chunk-major sums: 23 s with one torch thread, 16 s with two. (The earlier
-    member-major loop was the other way round: 0.46 -> 0.33 GiB/s with every core.)
+    The reader and writer threads mostly wait on the disk (direct reads cost them almost no CPU),
+    but sha256 of the members keeps a core busy for the whole of a first soup, and an OpenMP
+    region with a thread on that core runs at the pace of its slowest thread. Measured on 2 cores,
+    four SD1.5 members, cold, direct reads: a first soup (members hashed) 19.3 s with one torch
+    thread, 21.1 s with two; a soup with the ids cached 18.2 s with one, 14.3 s with two.
     """
-
-    @functools.wraps(fn)
-    def limited(*args: P.args, **kwargs: P.kwargs) -> R:
-        before = torch.get_num_threads()
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(before)
-
-    return limited
+    before = torch.get_num_threads()
+    cores = max(1, os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores - 1) if hashing else cores)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 class _Reads:
@@ -219,14 +215,23 @@ class _Reads:
                     yield torch.frombuffer(raw, dtype=DTYPES[s.entry.dtype]) if len(raw) else torch.empty(0)
 
 
-@soup_threads
 def stream(path: str | os.PathLike, plan: Plan, combine: Combine, seal: Callable[[int | None], dict[str, str]],
         progress: Progress = None) -> None:
     """Stream ``plan`` into ``path`` (atomic). ``seal`` gives the final metadata once every tensor
     is written (member hashes are complete then); raising there, or anywhere, writes nothing."""
+    hashing = any(s.digest is not None for o in plan.outputs for job in o.reads for s in job)
+    with soup_threads(hashing):
+        _stream(path, plan, combine, seal, progress)
+
+
+def _stream(path: str | os.PathLike, plan: Plan, combine: Combine, seal: Callable[[int | None], dict[str, str]],
+            progress: Progress) -> None:
     acc = torch.empty(CHUNK, dtype=combine.acc_dtype)  # the combine's chunk-sized work buffer
     planned = [p for o in plan.outputs for p in o.writes]
-    with ThreadPoolExecutor(1) as hasher, ThreadPoolExecutor(1) as io, \
+    # The sidecar's tensors get a hasher of their own: queued behind the members' hashes of the jobs
+    # read ahead, the main thread's wait for them (before reusing their buffers) serialised the
+    # member hashing with the arithmetic (measured: 37 % of a first soup's time spent waiting there).
+    with ThreadPoolExecutor(1) as hasher, ThreadPoolExecutor(1) as side_hasher, ThreadPoolExecutor(1) as io, \
             atomic_writer(path, planned, plan.metadata, plan.reserve) as w, ExitStack() as sides:
         side = sides.enter_context(atomic_append_writer(plan.side.path, plan.side.reserve, plan.side.metadata)) \
             if plan.side else None
@@ -244,8 +249,8 @@ def stream(path: str | os.PathLike, plan: Plan, combine: Combine, seal: Callable
                     if len(part) == 2:
                         key, tensor = part
                         raw = side.write(key, tensor)
-                        hashed.append(hasher.submit(_hash_tensor, plan.side.digest, key, side.last_dtype,
-                                                    tuple(tensor.shape), raw))
+                        hashed.append(side_hasher.submit(_hash_tensor, plan.side.digest, key, side.last_dtype,
+                                                         tuple(tensor.shape), raw))
                     else:
                         w.write_parts(*part)
             if progress:
