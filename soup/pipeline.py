@@ -130,7 +130,7 @@ class Combine(Protocol):
 @contextmanager
 def soup_threads(hashing: bool) -> Iterator[int]:
     """torch's thread count for one soup (restored afterwards): every core, less the one the
-    member hashing thread keeps busy while it runs.
+    member hashing thread keeps busy while it runs (``hashing``: most of the bytes read are hashed).
 
     The reader and writer threads mostly wait on the disk (direct reads cost them almost no CPU),
     but sha256 of the members keeps a core busy for the whole of a first soup, and an OpenMP
@@ -219,8 +219,11 @@ def stream(path: str | os.PathLike, plan: Plan, combine: Combine, seal: Callable
         progress: Progress = None) -> None:
     """Stream ``plan`` into ``path`` (atomic). ``seal`` gives the final metadata once every tensor
     is written (member hashes are complete then); raising there, or anywhere, writes nothing."""
-    hashing = any(s.digest is not None for o in plan.outputs for job in o.reads for s in job)
-    with soup_threads(hashing):
+    sources = [s for o in plan.outputs for job in o.reads for s in job]
+    hashed = sum(s.entry.nbytes for s in sources if s.digest is not None)
+    # the hasher keeps a core busy only when it hashes most of what is read (a first soup's members;
+    # not a remove, which checks the sidecar's hash: about a fifth of its reads)
+    with soup_threads(hashing=2 * hashed > sum(s.entry.nbytes for s in sources)):
         _stream(path, plan, combine, seal, progress)
 
 
