@@ -73,19 +73,17 @@ def replacing(path: str | os.PathLike, suffix: str = ".tmp", fsync: bool = True)
             tmp.unlink()
 
 
-def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> str:
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Give ``dst`` the contents of ``src``: a hard link where both are on one filesystem (instant,
-    no second copy on disk), else a copy. Returns "link" or "copy".
+    no second copy on disk), else a copy.
 
     Safe for files that are only ever replaced by rename, never written in place (every file this
     pack writes): a later rewrite of either name gets a new inode and leaves the other as it was.
     """
     try:
         os.link(src, dst)
-        return "link"
     except OSError:  # another filesystem, no hard links there (FAT, some network mounts), a quota
         shutil.copyfile(src, dst)
-        return "copy"
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

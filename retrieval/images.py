@@ -76,10 +76,9 @@ def copy_name(sha: str, fmt: str) -> str:
     return f"{sha}.{({'JPEG': 'jpg'}.get(fmt, fmt.lower()))}"
 
 
-@contextmanager
-def copies_written(root: Path, files: Sequence[tuple[str, bytes]]) -> Iterator[None]:
-    """Write each (relative path, bytes) under ``root`` that is not there yet (atomically), then run
-    the block; if writing or the block raises, delete the copies written here (not earlier ones)."""
+def write_copies(root: Path, files: Sequence[tuple[str, bytes]]) -> list[Path]:
+    """Write each (relative path, bytes) under ``root`` that is not there yet (atomically); the
+    files written. If a write fails, the ones written here are deleted (not earlier ones)."""
     written: list[Path] = []
     try:
         for rel, data in files:
@@ -87,6 +86,18 @@ def copies_written(root: Path, files: Sequence[tuple[str, bytes]]) -> Iterator[N
             if not dst.exists():
                 write_bytes(dst, data)
                 written.append(dst)
+    except BaseException:
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise
+    return written
+
+
+@contextmanager
+def copies_written(root: Path, files: Sequence[tuple[str, bytes]]) -> Iterator[None]:
+    """:func:`write_copies`, then run the block; if it raises, delete the copies written here."""
+    written = write_copies(root, files)
+    try:
         yield
     except BaseException:
         for p in written:

@@ -14,7 +14,7 @@ Image copies live in the database by default. A store created with ``images_fold
 as files in a folder every worker mounts (``<sha256>.<ext>``, beside a marker naming the store),
 with a table ``unlinks``: a forget records the copies to delete in its own transaction, deletes
 them right after the commit, and a deletion that fails (the folder unreachable, a permission)
-stays recorded and is retried before every later add or forget and by :meth:`cleanup`.
+stays recorded and is retried at every later add or forget and by :meth:`cleanup`.
 
 Why it is exact: a row and its vector are one tuple, and the copy is deleted by the same
 statement's cascade, so one ``COMMIT`` makes an item, its vector and its copy appear or disappear
@@ -58,7 +58,7 @@ from .common import COLS as _COLS
 from .common import StoreCommon
 from .credits import check_ref
 from .embed import Embedder
-from .images import decode_image, fit
+from .images import decode_image, fit, write_copies
 from .items import VISIBILITIES, AddReport, Hit, Item, Progress, StoreError
 
 FORMAT_VERSION = 1
@@ -141,6 +141,11 @@ def _psycopg() -> Any:
                          "pip install 'psycopg[binary]' into ComfyUI's Python (or use a folder store).",
                          "store") from None
     return psycopg
+
+
+def _schema_exists(conn: Any, name: str) -> bool:
+    """Does the database on ``conn`` hold store ``name`` (its schema)?"""
+    return conn.execute("SELECT 1 FROM pg_namespace WHERE nspname=%s", (SCHEMA_PREFIX + name,)).fetchone() is not None
 
 
 def _vec_text(v: np.ndarray) -> str:
@@ -238,8 +243,7 @@ class PgImageStore(StoreCommon):
                              "a server with pgvector installed.", "store")
 
     def _exists(self) -> bool:
-        return self.conn.execute("SELECT 1 FROM pg_namespace WHERE nspname=%s",
-                                 (SCHEMA_PREFIX + self.name,)).fetchone() is not None
+        return _schema_exists(self.conn, self.name)
 
     def _meta(self, key: str) -> str:
         row = self.conn.execute(f"SELECT value FROM {self.schema}.meta WHERE key=%s", (key,)).fetchone()
@@ -311,7 +315,7 @@ class PgImageStore(StoreCommon):
             config = {"format_version": FORMAT_VERSION, "backend": "postgresql", "index": index,
                       "created": time.time(), "model": embedder.describe(), "dim": embedder.dim}
             if images_folder:
-                if cls.exists(url, name):
+                if _schema_exists(conn, name):
                     raise StoreError(f"a store named '{name}' already exists in {redact(url)}.",
                                      "open it, or pick another name.", "store")
                 config["images_uid"] = cls._claim_folder(Path(images_folder).expanduser(), name, url)
@@ -342,8 +346,7 @@ class PgImageStore(StoreCommon):
         """Is there a store ``name`` in the database (a database without pgvector has none)?"""
         conn = cls._connect(url)
         try:
-            return conn.execute("SELECT 1 FROM pg_namespace WHERE nspname=%s",
-                                (SCHEMA_PREFIX + check_name(name),)).fetchone() is not None
+            return _schema_exists(conn, check_name(name))
         finally:
             conn.close()
 
@@ -498,22 +501,14 @@ class PgImageStore(StoreCommon):
         """The copies of a folder store, each written atomically unless already there; the files
         written. Called under the writer lock: a cleanup (which also takes it) never sees a copy
         whose item is not committed yet."""
-        written: list[Path] = []
         if self.images_dir is None:
-            return written
+            return []
         try:
-            for s in staged:
-                dst = self.images_dir / s["file"]
-                if not dst.exists():
-                    write_bytes(dst, s["data"])
-                    written.append(dst)
+            return write_copies(self.images_dir, [(s["file"], s["data"]) for s in staged])
         except OSError as exc:
-            for f in written:
-                f.unlink(missing_ok=True)
             raise StoreError(f"cannot write image copies into the store's folder {self.images_dir}: "
                              f"{exc.strerror or exc}; nothing was added.",
                              "check that the folder is mounted, writable and has space.", "store") from None
-        return written
 
     def _exists_ref(self, ref: int | str) -> bool:
         ref = check_ref(ref, "ids")
@@ -558,7 +553,6 @@ class PgImageStore(StoreCommon):
             if not refs:
                 return []
         ids = self._resolve(refs, "ids")
-        self._retry_unlinks()
         with self._tx("the forget"):
             rows = self.conn.execute(f"DELETE FROM {self.schema}.items WHERE id = ANY(%s) RETURNING {_COLS}",
                                      (ids,)).fetchall()
@@ -575,8 +569,7 @@ class PgImageStore(StoreCommon):
                                       "unnest(%s::text[]), %s ON CONFLICT (sha256) DO NOTHING",
                                       ([r[1] for r in rows], [r[8] for r in rows], now))
                 self._bump(vectors=True)
-        if rows and self.images_dir is not None:
-            self._retry_unlinks()
+        self._retry_unlinks()  # this forget's copies, and any an earlier one could not delete
         if rows and self.vacuum:
             self._vacuum()
         by_id = {r[0]: Item(*r) for r in rows}
@@ -587,7 +580,7 @@ class PgImageStore(StoreCommon):
 
         Under the writer lock. A copy whose image was added again meanwhile (``allow_forgotten``)
         belongs to that item and stays. A deletion that fails stays recorded, with its error in
-        :attr:`last_cleanup`, and is retried before the next add or forget, or by :meth:`cleanup`.
+        :attr:`last_cleanup`, and is retried at the next add or forget, or by :meth:`cleanup`.
         """
         if self.images_dir is None:
             return 0
@@ -611,7 +604,7 @@ class PgImageStore(StoreCommon):
                 self.conn.execute(f"UPDATE {self.schema}.unlinks SET tries = tries + 1, error = %s WHERE sha256 = %s",
                                   (why, sha))
         self.last_cleanup = (f"{len(failed)} forgotten image copies could not be deleted from {self.images_dir} "
-                             f"yet ({failed[0][1]}); they are recorded and retried before the next add or forget, "
+                             f"yet ({failed[0][1]}); they are recorded and retried at the next add or forget, "
                              "or by store cleanup." if failed else None)
         return len(failed)
 
@@ -834,7 +827,7 @@ def pg_revision(url: str, name: str) -> int | None:
     schema = SCHEMA_PREFIX + check_name(name)
     try:
         with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
-            if conn.execute("SELECT 1 FROM pg_namespace WHERE nspname=%s", (schema,)).fetchone() is None:
+            if not _schema_exists(conn, name):
                 return None
             row = conn.execute(f'SELECT value FROM "{schema}".meta WHERE key=%s', ("revision",)).fetchone()
     except psycopg.Error as exc:

@@ -121,7 +121,7 @@ class Reader:
         except OSError:
             return None
 
-    def _read_direct(self, e: Entry, sb: SharedBuffer) -> memoryview | None:
+    def _read_direct(self, key: str, e: Entry, sb: SharedBuffer) -> memoryview | None:
         """The tensor's bytes read as the aligned block range around them; None where direct I/O
         refuses (then it is off for this file and the caller reads buffered)."""
         lo = e.start - e.start % ALIGN
@@ -140,7 +140,8 @@ class Reader:
             self._direct = None
             return None
         if got < need:
-            raise SafetensorsError(f"{self.path}: tensor is truncated (file ends {need - got} bytes early)")
+            raise SafetensorsError(f"{self.path}: tensor '{key}' is truncated "
+                                   f"({max(0, got - (e.start - lo))} of {e.nbytes} bytes)")
         return view[e.start - lo:e.start - lo + e.nbytes]
 
     def keys(self) -> list[str]:
@@ -156,10 +157,7 @@ class Reader:
         sb = buffer or self._shared
         sb.fit(e.nbytes)
         if self._direct is not None and e.nbytes >= DIRECT_MIN:
-            try:
-                direct = self._read_direct(e, sb)
-            except SafetensorsError:
-                raise SafetensorsError(f"{self.path}: tensor '{key}' is truncated") from None
+            direct = self._read_direct(key, e, sb)
             if direct is not None:
                 return direct
         view = memoryview(sb.data)[: e.nbytes]
